@@ -1,0 +1,257 @@
+"""Matrix-free extreme eigenvalues and spectral densities.
+
+Every routine takes ``matvec: (D,) -> (D,)`` (e.g. :func:`hvp`) and a static
+dimension, runs inside ``jit`` (loops are ``lax.fori_loop`` /
+``lax.while_loop``), and is ``vmap``-able over keys.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from immunojax import _checks
+
+Matvec = Callable[[jax.Array], jax.Array]
+
+
+class LanczosResult(NamedTuple):
+  """Output of :func:`lanczos`.
+
+  Attributes:
+    ritz_values: ``(k,)`` eigenvalues of the tridiagonal ``T``, ascending.
+    residuals: ``(k,)`` bounds ``|beta_k s_{k,i}| = ||A y_i - theta_i y_i||``
+      for unit Ritz vectors ``y_i`` (exact in exact arithmetic).
+    alphas: ``(k,)`` diagonal of ``T``.
+    betas: ``(k,)`` off-diagonal of ``T``; ``betas[k-1]`` is the residual norm.
+    first_components: ``(k,)`` first entries of ``T``'s eigenvectors (the
+      Gauss quadrature weights are their squares).
+    ritz_vectors: ``(k, D)`` unit Ritz vectors (rows), or None.
+  """
+  ritz_values: jax.Array
+  residuals: jax.Array
+  alphas: jax.Array
+  betas: jax.Array
+  first_components: jax.Array
+  ritz_vectors: jax.Array | None
+
+
+def _check_sizes(dim, num_steps):
+  dim = _checks.check_positive_int(dim, "dim")
+  num_steps = _checks.check_positive_int(num_steps, "num_steps")
+  if num_steps > dim:
+    raise ValueError(
+        f"num_steps={num_steps} exceeds dim={dim}: a Krylov space of a "
+        f"{dim}-dimensional operator has at most {dim} directions")
+  return dim, num_steps
+
+
+def _unit(v):
+  n = jnp.linalg.norm(v)
+  return v / jnp.where(n > 0, n, 1), n
+
+
+def _project_out(basis, w):
+  """Classical Gram-Schmidt twice against the rows of ``basis``."""
+  w = w - (basis @ w) @ basis
+  return w - (basis @ w) @ basis
+
+
+def lanczos(matvec: Matvec, dim: int, num_steps: int, *,
+            key: jax.Array | None = None,
+            initial_vector: jax.Array | None = None,
+            reorthogonalize: bool = True,
+            return_vectors: bool = False,
+            dtype=None) -> LanczosResult:
+  """Symmetric Lanczos tridiagonalisation and Ritz pairs.
+
+  Args:
+    matvec: symmetric linear operator on ``(dim,)`` vectors.
+    dim: size of the operator.
+    num_steps: Krylov depth ``k`` (number of matvecs), ``1 <= k <= dim``.
+    key: PRNG key for the normal start vector (and for restarts after an
+      invariant subspace is found). Required.
+    initial_vector: optional start vector (normalised here); overrides the
+      random one. ``key`` still seeds restarts.
+    reorthogonalize: full re-orthogonalisation (classical Gram-Schmidt,
+      twice) against all previous vectors. Costs ``O(k D)`` memory and
+      ``4 k D`` flops a step; without it, extreme Ritz values still converge
+      but spurious copies appear in the interior.
+    return_vectors: also return the ``(k, D)`` Ritz vectors.
+    dtype: dtype of the Krylov basis; default the start vector's, or the
+      default float dtype.
+
+  Returns:
+    :class:`LanczosResult`.
+  """
+  dim, num_steps = _check_sizes(dim, num_steps)
+  if key is None:
+    raise ValueError("lanczos needs a PRNG `key` (start vector and restarts)")
+  if initial_vector is None:
+    v0 = jax.random.normal(key, (dim,), dtype or jnp.zeros(()).dtype)
+  else:
+    if jnp.shape(initial_vector) != (dim,):
+      raise ValueError(f"initial_vector must have shape ({dim},), got "
+                       f"{jnp.shape(initial_vector)}")
+    v0 = jnp.asarray(initial_vector, dtype)
+  dtype = v0.dtype
+  eps = float(np.finfo(dtype).eps)
+  v0, _ = _unit(v0)
+  k = num_steps
+  basis = jnp.zeros((k + 1, dim), dtype).at[0].set(v0)
+  alphas = jnp.zeros((k,), dtype)
+  betas = jnp.zeros((k,), dtype)
+
+  def body(i, carry):
+    basis, alphas, betas = carry
+    q = basis[i]
+    w = matvec(q)
+    scale = jnp.linalg.norm(w)
+    alpha = jnp.vdot(q, w)
+    if reorthogonalize:
+      w = _project_out(basis, w)
+    else:
+      prev = jnp.where(i > 0, betas[jnp.maximum(i - 1, 0)], 0.0)
+      w = w - alpha * q - prev * basis[jnp.maximum(i - 1, 0)]
+    w, beta = _unit(w)
+    # Breakdown: the Krylov space is invariant. Continue with a fresh random
+    # direction orthogonal to it; T gets a zero off-diagonal (block diagonal).
+    broke = beta <= jnp.sqrt(eps) * jnp.maximum(scale, jnp.finfo(dtype).tiny)
+    fresh = jax.random.normal(jax.random.fold_in(key, i + 1), (dim,), dtype)
+    fresh, _ = _unit(_project_out(basis, fresh))
+    q_next = jnp.where(broke, fresh, w)
+    beta = jnp.where(broke, 0.0, beta)
+    return (basis.at[i + 1].set(q_next), alphas.at[i].set(alpha),
+            betas.at[i].set(beta))
+
+  basis, alphas, betas = jax.lax.fori_loop(0, k, body, (basis, alphas, betas))
+  tri = (jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1))
+  theta, s = jnp.linalg.eigh(tri)
+  residuals = jnp.abs(betas[-1] * s[-1, :])
+  vectors = s.T @ basis[:k] if return_vectors else None
+  return LanczosResult(theta, residuals, alphas, betas, s[0, :], vectors)
+
+
+def extreme_eigenvalues(matvec: Matvec, dim: int, num_steps: int, *,
+                        key: jax.Array, reorthogonalize: bool = True):
+  """``(lambda_min, lambda_max)`` estimates from ``num_steps`` Lanczos steps.
+
+  Lanczos Ritz values are interlaced inside the spectrum, so these are an
+  upper bound on ``lambda_min`` and a lower bound on ``lambda_max``.
+  """
+  res = lanczos(matvec, dim, num_steps, key=key,
+                reorthogonalize=reorthogonalize)
+  return res.ritz_values[0], res.ritz_values[-1]
+
+
+class PowerIterationResult(NamedTuple):
+  """Output of :func:`power_iteration`.
+
+  Attributes:
+    eigenvalue: Rayleigh quotient of the final vector (the dominant
+      eigenvalue, i.e. the one of largest magnitude).
+    eigenvector: ``(D,)`` unit vector.
+    num_steps: matvecs used.
+    converged: whether the relative change fell below ``tol``.
+  """
+  eigenvalue: jax.Array
+  eigenvector: jax.Array
+  num_steps: jax.Array
+  converged: jax.Array
+
+
+def power_iteration(matvec: Matvec, dim: int, *, key: jax.Array,
+                    max_steps: int = 1000, tol: float = 1e-10,
+                    dtype=None) -> PowerIterationResult:
+  """Dominant eigenpair by power iteration with a relative-change stop.
+
+  Stops when ``|lambda_t - lambda_{t-1}| <= tol |lambda_t|`` or after
+  ``max_steps`` matvecs. Convergence is geometric with ratio
+  ``|lambda_2 / lambda_1|``, so it can be slow where Lanczos is not.
+  Uses ``lax.while_loop``: forward-mode only.
+  """
+  dim = _checks.check_positive_int(dim, "dim")
+  max_steps = _checks.check_positive_int(max_steps, "max_steps")
+  v, _ = _unit(jax.random.normal(key, (dim,), dtype or jnp.zeros(()).dtype))
+  w = matvec(v)
+  lam = jnp.vdot(v, w)
+
+  def cond(c):
+    _, _, _, step, done = c
+    return (step < max_steps) & ~done
+
+  def body(c):
+    _, w, lam, step, _ = c
+    v, _ = _unit(w)
+    w = matvec(v)
+    new = jnp.vdot(v, w)
+    done = jnp.abs(new - lam) <= tol * jnp.abs(new)
+    return v, w, new, step + 1, done
+
+  v, _, lam, step, done = jax.lax.while_loop(
+      cond, body, (v, w, lam, jnp.asarray(1), jnp.asarray(False)))
+  return PowerIterationResult(lam, v, step, done)
+
+
+class SpectralQuadrature(NamedTuple):
+  """Gauss quadrature of the spectral measure, one row per probe.
+
+  ``nodes[p]`` are Ritz values and ``weights[p]`` the squared first components
+  of T's eigenvectors; each row of weights sums to 1.
+  """
+  nodes: jax.Array
+  weights: jax.Array
+  dim: int
+
+
+def stochastic_lanczos_quadrature(matvec: Matvec, dim: int, num_steps: int, *,
+                                  key: jax.Array, num_probes: int = 10,
+                                  reorthogonalize: bool = True,
+                                  dtype=None) -> SpectralQuadrature:
+  """Stochastic Lanczos quadrature with Rademacher probes.
+
+  Returns nodes and weights of ``num_probes`` independent Gauss quadratures;
+  feed them to :func:`quadrature_trace` (``tr f(A)``, e.g. the Hutchinson
+  trace for ``f = id``) or :func:`spectral_density`.
+  """
+  dim, num_steps = _check_sizes(dim, num_steps)
+  num_probes = _checks.check_positive_int(num_probes, "num_probes")
+  dtype = dtype or jnp.zeros(()).dtype
+  keys = jax.random.split(key, num_probes)
+
+  def one(k):
+    z = jax.random.rademacher(jax.random.fold_in(k, 0), (dim,), dtype)
+    r = lanczos(matvec, dim, num_steps, key=k, initial_vector=z,
+                reorthogonalize=reorthogonalize)
+    return r.ritz_values, r.first_components ** 2
+
+  nodes, weights = jax.vmap(one)(keys)
+  return SpectralQuadrature(nodes, weights, dim)
+
+
+def quadrature_trace(quadrature: SpectralQuadrature,
+                     fn: Callable[[jax.Array], jax.Array] = lambda x: x
+                     ) -> jax.Array:
+  """Estimate ``tr f(A) = dim * E_probe[sum_j w_j f(theta_j)]``."""
+  per_probe = jnp.sum(quadrature.weights * fn(quadrature.nodes), axis=-1)
+  return quadrature.dim * jnp.mean(per_probe)
+
+
+def spectral_density(quadrature: SpectralQuadrature, grid: jax.Array, *,
+                     sigma: float) -> jax.Array:
+  """Gaussian-smoothed spectral density on ``grid`` (integrates to ~1)."""
+  diff = grid[:, None, None] - quadrature.nodes[None]
+  kernel = jnp.exp(-0.5 * (diff / sigma) ** 2) / (sigma * jnp.sqrt(2 * jnp.pi))
+  return jnp.sum(kernel * quadrature.weights[None], axis=-1).mean(axis=-1)
+
+
+def hutchinson_trace(matvec: Matvec, dim: int, *, key: jax.Array,
+                     num_probes: int = 10, dtype=None) -> jax.Array:
+  """Hutchinson's estimator ``mean_p z_p^T A z_p`` with Rademacher ``z``."""
+  dim = _checks.check_positive_int(dim, "dim")
+  num_probes = _checks.check_positive_int(num_probes, "num_probes")
+  z = jax.random.rademacher(key, (num_probes, dim), dtype or jnp.zeros(()).dtype)
+  return jnp.mean(jax.vmap(lambda v: jnp.vdot(v, matvec(v)))(z))

@@ -1,0 +1,35 @@
+"""Test configuration: float64 on, so spectra can be checked to 1e-10.
+
+The library never turns x64 on by itself; the tests own their process.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get(
+    "IMMUNOJAX_SHARED", ROOT.parent / "shared")) / "data"
+
+
+@pytest.fixture
+def house_price_dir():
+  d = SHARED_DATA / "house_price"
+  if not (d / "train.csv").exists():
+    pytest.skip(f"house-price data not found at {d} (expected ../shared "
+                "beside the checkout, or set IMMUNOJAX_SHARED)")
+  return d
+
+
+def run_module(args, *, env=None, timeout=600):
+  """Runs ``python -m ...`` in a subprocess from the repository root."""
+  import subprocess
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
