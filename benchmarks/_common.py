@@ -1,0 +1,79 @@
+"""Timing, output and plotting helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+
+def block(x):
+  return jax.tree_util.tree_map(
+      lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a,
+      x)
+
+
+def timed(fn, *args, repeats: int = 3):
+  """Returns (result, first_call_seconds, median_run_seconds).
+
+  The first call includes compilation; ``compile = first - median`` is what
+  the records call compile time.
+  """
+  t = time.perf_counter()
+  out = block(fn(*args))
+  first = time.perf_counter() - t
+  runs = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = block(fn(*args))
+    runs.append(time.perf_counter() - t)
+  return out, first, statistics.median(runs)
+
+
+def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true",
+                 help="reduced sizes; finishes in under a minute")
+  p.add_argument("--out", default=default_out,
+                 help="JSON output path (a PNG is written beside it)")
+  p.add_argument("--repeats", type=int, default=None,
+                 help="timed repeats per measurement (median reported)")
+  return p
+
+
+def machine() -> dict:
+  return {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+          "python": platform.python_version(), "processor": platform.machine()}
+
+
+def write(out: str, payload: dict) -> Path:
+  path = Path(out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=2, default=float))
+  return path
+
+
+def plot_lines(path: Path, panels: list[tuple[str, str, dict]]) -> Path:
+  """One log-log panel per (title, xlabel, {label: (xs, ys)})."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2))
+  axes = [axes] if len(panels) == 1 else axes
+  for ax, (title, xlabel, series) in zip(axes, panels):
+    for label, (xs, ys) in series.items():
+      ax.plot(xs, ys, marker="o", label=label)
+    ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel,
+           ylabel="run time (s, median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  png = path.with_suffix(".png")
+  fig.savefig(png, dpi=110)
+  plt.close(fig)
+  return png
