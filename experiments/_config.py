@@ -1,0 +1,135 @@
+"""Typed experiment configs: a frozen dataclass becomes a CLI and a file format.
+
+Precedence, lowest first: dataclass defaults, the experiment's ``--quick``
+overrides, ``--config FILE`` (JSON or YAML), explicit command-line options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(text: str) -> bool:
+  t = str(text).lower()
+  if t in _TRUE:
+    return True
+  if t in _FALSE:
+    return False
+  raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _converter(tp):
+  """Returns (convert(text_or_value) -> value, metavar) for a field type."""
+  origin = typing.get_origin(tp)
+  if tp is bool:
+    return _bool, "BOOL"
+  if tp in (int, float, str):
+    def conv(v, tp=tp):
+      if tp is int and isinstance(v, float) and not v.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an int, got {v!r}")
+      if tp in (int, float) and isinstance(v, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}")
+      try:
+        return tp(v)
+      except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(
+            f"expected {tp.__name__}, got {v!r}") from e
+    return conv, tp.__name__.upper()
+  if origin is Literal:
+    choices = typing.get_args(tp)
+    def conv(v):
+      if v not in choices:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {list(choices)}, got {v!r}")
+      return v
+    return conv, "{" + ",".join(map(str, choices)) + "}"
+  if origin is tuple:
+    inner, _ = _converter(typing.get_args(tp)[0])
+    def conv(v):
+      items = v if isinstance(v, (list, tuple)) else \
+          [s for s in str(v).split(",") if s.strip()]
+      return tuple(inner(s.strip() if isinstance(s, str) else s)
+                   for s in items)
+    return conv, "A,B,..."
+  if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    inner, meta = _converter(args[0])
+    def conv(v):
+      if v is None or str(v).lower() in ("none", "null"):
+        return None
+      return inner(v)
+    return conv, meta
+  raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _fields(config_cls):
+  hints = typing.get_type_hints(config_cls)
+  return [(f, hints[f.name]) for f in dataclasses.fields(config_cls)]
+
+
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls,
+                         quick: dict) -> None:
+  group = parser.add_argument_group(f"{config_cls.__name__} options")
+  for f, tp in _fields(config_cls):
+    conv, meta = _converter(tp)
+    doc = (f.metadata or {}).get("help", "")
+    q = f" (--quick: {quick[f.name]!r})" if f.name in quick else ""
+    group.add_argument(_flag(f.name), dest=f.name, type=conv, metavar=meta,
+                       default=argparse.SUPPRESS,
+                       help=f"{doc} [default: {f.default!r}]{q}".strip())
+
+
+def load_config_file(path: str | Path) -> dict:
+  path = Path(path)
+  if not path.exists():
+    raise SystemExit(f"error: --config file {path} does not exist")
+  text = path.read_text()
+  if path.suffix in (".yaml", ".yml"):
+    import yaml  # noqa: PLC0415
+    data = yaml.safe_load(text) or {}
+  else:
+    data = json.loads(text)
+  if isinstance(data, dict) and "config" in data and isinstance(
+      data["config"], dict):
+    data = data["config"]  # accept a run's own config.json
+  if not isinstance(data, dict):
+    raise SystemExit(f"error: --config file {path} must hold a mapping")
+  return data
+
+
+def resolve(config_cls, *, quick: bool, quick_overrides: dict,
+            file_values: dict | None, cli_values: dict):
+  """Builds the config; raises SystemExit naming a bad or unknown option."""
+  known = {f.name: tp for f, tp in _fields(config_cls)}
+  values: dict[str, Any] = {}
+  if quick:
+    values.update(quick_overrides)
+  for key, raw in (file_values or {}).items():
+    if key not in known:
+      raise SystemExit(f"error: unknown option {key!r} in --config file; "
+                       f"known: {sorted(known)}")
+    try:
+      values[key] = _converter(known[key])[0](raw)
+    except argparse.ArgumentTypeError as e:
+      raise SystemExit(f"error: option {key!r} in --config file: {e}") from e
+  values.update(cli_values)
+  try:
+    return config_cls(**values)
+  except (TypeError, ValueError) as e:
+    raise SystemExit(f"error: invalid configuration: {e}") from e
+
+
+def as_dict(config) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -1,0 +1,371 @@
+"""What every ``python -m experiments.<name>`` shares.
+
+An experiment module defines a frozen dataclass ``Config`` (with a ``seed``
+field), a dict ``QUICK`` of overrides for ``--quick``, and
+``run(config, run) -> summary`` where ``run`` is a :class:`Run`. It ends with
+``main = runner.entry_point(NAME, Config, run, quick=QUICK)``.
+
+The runner owns every side effect: the output directory (config.json,
+metrics.jsonl, summary.json, report.md, PNGs), progress bars, and orbax
+checkpoints of long loops so ``--resume`` continues a crashed run and ends
+with the same ``summary.json`` as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from experiments import _config
+
+# Fault injection for the crash-recovery tests: SIGKILL this process right
+# after the given (1-based) step of any checkpointed loop has been saved.
+KILL_ENV = "IMMUNOJAX_FAULT_KILL_AT_STEP"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be trusted (corrupt, or from another config)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+  out: Path
+  resume: bool
+  overwrite: bool
+  quiet: bool
+  quick: bool
+  checkpoint_every: int
+  keep_checkpoints: int
+
+
+def _jsonable(x):
+  import numpy as np  # noqa: PLC0415
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    a = np.asarray(x)
+    return _jsonable(a.item() if a.ndim == 0 else a.tolist())
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  return x
+
+
+def fingerprint(config_dict: dict) -> str:
+  blob = json.dumps(config_dict, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Run:
+  """Handle an experiment's ``run`` function uses for all its I/O."""
+
+  def __init__(self, name: str, config, options: RunOptions):
+    self.name = name
+    self.config = config
+    self.options = options
+    self.out = options.out
+    self.config_dict = _config.as_dict(config)
+    self.fingerprint = fingerprint(self.config_dict)
+    self._metrics_path = self.out / "metrics.jsonl"
+    self._start = time.perf_counter()
+    self.figures: list[dict] = []
+
+  # ------------------------------------------------------------- logging
+  def log(self, step: int, loop: str = "main", **metrics) -> None:
+    """Appends one JSON object to metrics.jsonl."""
+    record = {"loop": loop, "step": int(step), **_jsonable(metrics)}
+    with self._metrics_path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def print(self, *args) -> None:
+    """Status lines; always shown (``--quiet`` only hides progress bars)."""
+    print(*args, flush=True)
+
+  def progress(self, iterable, *, desc: str, total: int | None = None,
+               initial: int = 0):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    return tqdm(iterable, desc=desc, total=total, initial=initial,
+                disable=self.options.quiet or not sys.stderr.isatty(),
+                leave=False, dynamic_ncols=True)
+
+  # -------------------------------------------------------------- figures
+  def figure(self, name: str, ours, paper=None, *, note: str = "") -> None:
+    """Records a headline figure: goes to summary.json and report.md."""
+    self.figures.append({"name": name, "ours": _jsonable(ours),
+                         "paper": _jsonable(paper), "note": note})
+
+  def plot_path(self, name: str) -> Path:
+    return self.out / f"{name}.png"
+
+  def new_figure(self, **kwargs):
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    return plt.subplots(**kwargs)
+
+  def save_figure(self, fig, name: str) -> Path:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    path = self.plot_path(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+  # ---------------------------------------------------------- checkpoints
+  def _manager(self, loop: str):
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=self.options.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(
+        (self.out / "checkpoints" / loop).resolve(), options=opts)
+
+  def _restore(self, manager, step: int, template, loop: str):
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    where = self.out / "checkpoints" / loop / str(step)
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - orbax raises many types
+      raise CheckpointError(
+          f"checkpoint {where} is unreadable ({type(e).__name__}: {e}); "
+          "delete it or start again with --overwrite") from e
+    if meta.get("fingerprint") != self.fingerprint:
+      raise CheckpointError(
+          f"checkpoint {where} was written by a run with another config "
+          f"(fingerprint {meta.get('fingerprint')} != {self.fingerprint}); "
+          "refusing to load it. Use --overwrite to start afresh")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"checkpoint {where} does not match this run's state "
+          f"({type(e).__name__}: {e}); refusing to load it") from e
+    leaves = jax.tree_util.tree_leaves(restored)
+    want = jax.tree_util.tree_leaves(abstract)
+    for got, exp in zip(leaves, want):
+      if got.shape != exp.shape or got.dtype != exp.dtype:
+        raise CheckpointError(
+            f"checkpoint {where} holds {got.dtype}{list(got.shape)} where "
+            f"the run expects {exp.dtype}{list(exp.shape)}; refusing to load")
+    return restored, meta
+
+  def _drop_metrics_after(self, loop: str, step: int) -> None:
+    if not self._metrics_path.exists():
+      return
+    kept = [line for line in self._metrics_path.read_text().splitlines()
+            if line and not (json.loads(line).get("loop") == loop
+                             and json.loads(line).get("step", 0) > step)]
+    self._metrics_path.write_text("".join(line + "\n" for line in kept))
+
+  def loop(self, loop: str, state: Any,
+           step_fn: Callable[[Any, int], tuple[Any, dict]], num_steps: int, *,
+           log_every: int = 10, desc: str | None = None,
+           checkpoint: bool = True) -> Any:
+    """Runs ``state, metrics = step_fn(state, step)`` for ``num_steps`` steps.
+
+    The state pytree must hold everything the next step depends on
+    (parameters, optimizer state, PRNG key); batches should be a function of
+    ``(key, step)``, so the step number is the data-iterator position. With
+    ``checkpoint`` the state and step are saved through orbax every
+    ``--checkpoint-every`` steps and at the end; on ``--resume`` the loop
+    continues from the newest checkpoint (a finished loop is skipped).
+
+    Returns:
+      The final state.
+    """
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    start = 0
+    manager = None
+    if checkpoint:
+      manager = self._manager(loop)
+      latest = manager.latest_step()
+      if latest is not None:
+        if not self.options.resume:
+          raise CheckpointError(
+              f"{self.out} already holds checkpoints for loop {loop!r}; pass "
+              "--resume to continue or --overwrite to start again")
+        state, _ = self._restore(manager, latest, state, loop)
+        start = int(latest)
+        self._drop_metrics_after(loop, start)
+        self.print(f"[{loop}] resumed from step {start}")
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    every = max(int(self.options.checkpoint_every), 1)
+    bar = self.progress(range(start, num_steps), desc=desc or loop,
+                        total=num_steps, initial=start)
+    metrics = {}
+    for step in bar:
+      state, metrics = step_fn(state, step)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps or step == start:
+        host = jax.device_get(metrics)
+        self.log(done, loop, **host)
+        shown = {k: v for k, v in host.items() if getattr(v, "ndim", 1) == 0
+                 or isinstance(v, (int, float))}
+        bar.set_postfix({k: f"{float(v):.4g}" for k, v in
+                         list(shown.items())[:3]}, refresh=False)
+      if manager is not None and (done % every == 0 or done == num_steps):
+        manager.save(done, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"fingerprint": self.fingerprint,
+                                    "loop": loop, "step": done})))
+        if kill_at and done >= kill_at:
+          manager.wait_until_finished()
+          os.kill(os.getpid(), signal.SIGKILL)
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
+    return state
+
+  # --------------------------------------------------------------- finish
+  def finish(self, summary: dict) -> dict:
+    summary = dict(_jsonable(summary))
+    summary.setdefault("experiment", self.name)
+    summary["seed"] = self.config_dict.get("seed")
+    summary["quick"] = self.options.quick
+    summary["figures"] = self.figures
+    summary["wall_seconds"] = time.perf_counter() - self._start
+    (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (self.out / "report.md").write_text(run_report(summary, self.out))
+    return summary
+
+
+def fmt(v) -> str:
+  if v is None:
+    return "—"
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def run_report(summary: dict, out: Path) -> str:
+  lines = [f"# {summary['experiment']}", "",
+           f"seed {summary.get('seed')}, quick={summary.get('quick')}, "
+           f"wall {summary['wall_seconds']:.1f} s", "",
+           "| figure | ours | paper | note |", "|---|---|---|---|"]
+  for f in summary.get("figures", []):
+    lines.append(f"| {f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
+                 f"{f.get('note', '')} |")
+  pngs = sorted(p.name for p in out.glob("*.png"))
+  if pngs:
+    lines += [""] + [f"![{p}]({p})" for p in pngs]
+  return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict:
+  import jax  # noqa: PLC0415
+  out = {"jax": jax.__version__}
+  for mod in ("flax", "optax", "orbax.checkpoint", "numpy"):
+    try:
+      out[mod] = __import__(mod, fromlist=["_"]).__version__
+    except Exception:  # noqa: BLE001
+      out[mod] = None
+  return out
+
+
+def parse(name: str, config_cls, quick: dict, argv=None, description=""):
+  parser = argparse.ArgumentParser(
+      prog=f"python -m experiments.{name}", description=description)
+  parser.add_argument("--quick", action="store_true",
+                      help="reduced size (what the test suite runs)")
+  parser.add_argument("--out", type=Path, default=None,
+                      help=f"run directory [default: results/{name}/<timestamp>]")
+  parser.add_argument("--config", default=None,
+                      help="JSON or YAML file of config options")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its checkpoints")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="delete an existing --out directory first")
+  parser.add_argument("--quiet", action="store_true",
+                      help="no progress bars (automatic when not a TTY)")
+  parser.add_argument("--checkpoint-every", type=int, default=50,
+                      help="steps between checkpoints of long loops [default: 50]")
+  parser.add_argument("--keep-checkpoints", type=int, default=2,
+                      help="checkpoints kept per loop [default: 2]")
+  _config.add_config_arguments(parser, config_cls, quick)
+  args = parser.parse_args(argv)
+  run_keys = {"quick", "out", "config", "resume", "overwrite", "quiet",
+              "checkpoint_every", "keep_checkpoints"}
+  cli_values = {k: v for k, v in vars(args).items() if k not in run_keys}
+  file_values = _config.load_config_file(args.config) if args.config else None
+  config = _config.resolve(config_cls, quick=args.quick, quick_overrides=quick,
+                           file_values=file_values, cli_values=cli_values)
+  if args.checkpoint_every < 1:
+    parser.error("--checkpoint-every must be >= 1")
+  out = args.out
+  if out is None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("results") / name / f"{stamp}-seed{getattr(config, 'seed', 0)}"
+  options = RunOptions(out=out, resume=args.resume, overwrite=args.overwrite,
+                       quiet=args.quiet, quick=args.quick,
+                       checkpoint_every=args.checkpoint_every,
+                       keep_checkpoints=args.keep_checkpoints)
+  return config, options
+
+
+def prepare_dir(name: str, config, options: RunOptions) -> None:
+  out = options.out
+  config_dict = _config.as_dict(config)
+  if out.exists() and any(out.iterdir()):
+    if options.overwrite:
+      shutil.rmtree(out)
+    elif options.resume:
+      saved = json.loads((out / "config.json").read_text()) \
+          if (out / "config.json").exists() else None
+      if saved is None or saved.get("experiment") != name:
+        raise SystemExit(f"error: {out} is not a run of {name}; cannot resume")
+      if saved.get("config") != config_dict:
+        diff = sorted(k for k in set(saved["config"]) | set(config_dict)
+                      if saved["config"].get(k) != config_dict.get(k))
+        raise SystemExit(
+            f"error: cannot resume {out}: its config differs in {diff}; "
+            "use the same options (or --overwrite)")
+      return
+    else:
+      raise SystemExit(
+          f"error: {out} exists and is not empty; pass --resume to continue "
+          "it or --overwrite to replace it")
+  out.mkdir(parents=True, exist_ok=True)
+  import jax  # noqa: PLC0415
+  (out / "config.json").write_text(json.dumps({
+      "experiment": name, "config": config_dict,
+      "seed": config_dict.get("seed"), "quick": options.quick,
+      "fingerprint": fingerprint(config_dict), "versions": _versions(),
+      "devices": [str(d) for d in jax.devices()], "argv": sys.argv[1:],
+  }, indent=2))
+
+
+def entry_point(name: str, config_cls, run_fn, *, quick: dict,
+                description: str = ""):
+  """Builds ``main(argv=None) -> int`` for an experiment module."""
+
+  def main(argv=None) -> int:
+    config, options = parse(name, config_cls, quick, argv, description)
+    prepare_dir(name, config, options)
+    run = Run(name, config, options)
+    try:
+      summary = run.finish(run_fn(config, run))
+    except CheckpointError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    run.print(f"[{name}] wrote {options.out}/summary.json")
+    for f in summary["figures"]:
+      run.print(f"  {f['name']}: ours {fmt(f['ours'])}  paper "
+                f"{fmt(f['paper'])}  {f['note']}")
+    return 0
+
+  return main

@@ -1,0 +1,74 @@
+"""Gather every summary.json below a directory into one markdown dashboard.
+
+  python -m experiments.report RESULTS_DIR [--out RESULTS_DIR/README.md]
+
+One row per headline figure: experiment, run, our figure, the paper's figure,
+seed, wall time; each run's PNGs are linked as thumbnails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from experiments._runner import fmt
+
+
+def collect(root: Path) -> list[tuple[Path, dict]]:
+  runs = []
+  for path in sorted(root.rglob("summary.json")):
+    try:
+      runs.append((path.parent, json.loads(path.read_text())))
+    except json.JSONDecodeError as e:
+      print(f"warning: skipping unreadable {path}: {e}")
+  return runs
+
+
+def render(root: Path, runs, out: Path) -> str:
+  lines = ["# immunojax reproduction dashboard", "",
+           f"{len(runs)} run(s) found below `{root}`.", "",
+           "| experiment | run | figure | ours | paper | seed | quick | wall (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for run_dir, s in runs:
+    rel = os.path.relpath(run_dir, out.parent)
+    figures = s.get("figures") or [{"name": "—", "ours": None, "paper": None}]
+    for f in figures:
+      lines.append(
+          f"| {s.get('experiment', '?')} | [{run_dir.name}]({rel}/report.md) | "
+          f"{f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
+          f"{s.get('seed')} | {s.get('quick')} | "
+          f"{fmt(float(s.get('wall_seconds', float('nan'))))} |")
+  lines += ["", "## Plots", ""]
+  for run_dir, s in runs:
+    pngs = sorted(run_dir.glob("*.png"))
+    if not pngs:
+      continue
+    lines.append(f"**{s.get('experiment')}** (`{run_dir.name}`)  ")
+    for p in pngs:
+      rel = os.path.relpath(p, out.parent)
+      lines.append(f'<a href="{rel}"><img src="{rel}" width="240" '
+                   f'alt="{p.stem}"></a>')
+    lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m experiments.report",
+                              description=__doc__.splitlines()[0])
+  p.add_argument("results_dir", type=Path)
+  p.add_argument("--out", type=Path, default=None,
+                 help="markdown path [default: RESULTS_DIR/README.md]")
+  args = p.parse_args(argv)
+  if not args.results_dir.is_dir():
+    p.error(f"{args.results_dir} is not a directory")
+  out = args.out or args.results_dir / "README.md"
+  runs = collect(args.results_dir)
+  out.write_text(render(args.results_dir, runs, out))
+  print(f"wrote {out} ({len(runs)} runs)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Mini-batches as a pure function of ``(key, step)``.
+
+Because the batch of step ``t`` depends only on the key and ``t``, a saved
+step number is a complete data-iterator position: a resumed run sees exactly
+the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def batch_indices(key: jax.Array, num_examples: int, batch_size: int,
+                  step, *, drop_last: bool = True) -> jax.Array:
+  """Indices of the batch at ``step`` of a reshuffled-every-epoch stream.
+
+  Epoch ``e = step // steps_per_epoch`` is a fresh permutation drawn from
+  ``fold_in(key, e)``; ``drop_last`` (the only mode, for static shapes) drops
+  the ``num_examples % batch_size`` tail of each epoch.
+
+  Returns:
+    ``(batch_size,)`` int32 indices; jit-able with a traced ``step``.
+  """
+  if not drop_last:
+    raise ValueError("only drop_last=True is supported (static batch shapes)")
+  if not 0 < batch_size <= num_examples:
+    raise ValueError(f"batch_size must be in [1, {num_examples}], got "
+                     f"{batch_size}")
+  per_epoch = num_examples // batch_size
+  epoch, pos = step // per_epoch, step % per_epoch
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+  return jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return num_examples // batch_size
+
+
+def take(tree, indices):
+  """Gathers rows ``indices`` from every array of a pytree of datasets."""
+  return jax.tree_util.tree_map(lambda a: jnp.take(a, indices, axis=0), tree)

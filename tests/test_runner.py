@@ -1,0 +1,182 @@
+"""Experiment runner: CLI, configs, determinism, crash-resume, refusals."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from experiments import _config, quadratic, report
+from experiments._runner import KILL_ENV, parse
+from tests.conftest import ROOT, run_module
+
+
+def summary(path):
+  s = json.loads((Path(path) / "summary.json").read_text())
+  s.pop("wall_seconds")
+  return s
+
+
+def test_help_lists_every_option_with_default():
+  r = run_module(["-m", "experiments.quadratic", "--help"])
+  assert r.returncode == 0
+  options = r.stdout.split("options:", 1)[1]
+  for flag, default in [("--num-examples", "4096"), ("--learning-rate", "0.01"),
+                        ("--optimizer", "'adam'"), ("--seed", "0"),
+                        ("--checkpoint-every", "50")]:
+    assert flag in options
+    assert f"[default: {default}]" in options.split(flag, 1)[1].split("\n  --", 1)[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--bogus", "1"], "--bogus"),
+    (["--steps", "abc"], "--steps"),
+    (["--optimizer", "lbfgs"], "--optimizer"),
+    (["--learning-rate"], "--learning-rate"),
+])
+def test_bad_cli_options_fail_naming_the_option(argv, needle, capsys):
+  with pytest.raises(SystemExit) as e:
+    parse("quadratic", quadratic.Config, quadratic.QUICK, argv)
+  assert e.value.code == 2
+  assert needle in capsys.readouterr().err
+
+
+def test_precedence_defaults_quick_file_cli(tmp_path):
+  f = tmp_path / "c.yaml"
+  f.write_text("steps: 77\nlearning_rate: 0.5\n")
+  cfg, opts = parse("quadratic", quadratic.Config, quadratic.QUICK,
+                    ["--quick", "--config", str(f), "--learning-rate", "0.25"])
+  assert cfg.dim == quadratic.QUICK["dim"]          # quick over default
+  assert cfg.steps == 77                            # file over quick
+  assert cfg.learning_rate == 0.25                  # cli over file
+  assert cfg.batch_size == 128                      # untouched default
+  assert opts.quick
+  j = tmp_path / "c.json"
+  j.write_text(json.dumps({"config": {"optimizer": "sgd"}}))
+  cfg, _ = parse("quadratic", quadratic.Config, {}, ["--config", str(j)])
+  assert cfg.optimizer == "sgd"
+
+
+@pytest.mark.parametrize("content,needle", [
+    ({"stepz": 3}, "stepz"),
+    ({"steps": "many"}, "steps"),
+    ({"optimizer": "lbfgs"}, "optimizer"),
+])
+def test_bad_config_file_fails_naming_the_option(tmp_path, content, needle):
+  f = tmp_path / "c.json"
+  f.write_text(json.dumps(content))
+  with pytest.raises(SystemExit, match=needle):
+    parse("quadratic", quadratic.Config, {}, ["--config", str(f)])
+
+
+def test_tuple_and_optional_types():
+  import dataclasses
+  from typing import Optional
+
+  @dataclasses.dataclass(frozen=True)
+  class C:
+    sizes: tuple[int, ...] = (1, 2)
+    limit: Optional[float] = None
+
+  cfg = _config.resolve(C, quick=False, quick_overrides={}, file_values={
+      "sizes": [3, 4, 5], "limit": "none"}, cli_values={})
+  assert cfg.sizes == (3, 4, 5) and cfg.limit is None
+  conv, _ = _config._converter(tuple[int, ...])
+  assert conv("7,8") == (7, 8)
+
+
+def test_run_directory_contents_and_determinism(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  assert quadratic.main(["--quick", "--out", str(a), "--quiet"]) == 0
+  assert quadratic.main(["--quick", "--out", str(b), "--quiet"]) == 0
+  for name in ("config.json", "metrics.jsonl", "summary.json", "report.md",
+               "loss.png"):
+    assert (a / name).exists(), name
+  cfg = json.loads((a / "config.json").read_text())
+  assert cfg["config"]["dim"] == quadratic.QUICK["dim"]
+  assert cfg["versions"]["jax"] and cfg["versions"]["optax"] and cfg["devices"]
+  assert summary(a) == summary(b)
+  s = summary(a)
+  assert s["relative_distance"] < 0.1
+  assert "| final loss |" in (a / "report.md").read_text()
+  lines = (a / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(x)["step"] for x in lines]
+  assert steps == sorted(steps) and steps[-1] == quadratic.QUICK["steps"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+  clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+  args = ["-m", "experiments.quadratic", "--quick", "--quiet",
+          "--checkpoint-every", "40"]
+  r = run_module(args + ["--out", str(clean)])
+  assert r.returncode == 0, r.stderr
+  r = run_module(args + ["--out", str(crashed)], env={KILL_ENV: "120"})
+  assert r.returncode == -9, (r.returncode, r.stderr)   # SIGKILL
+  assert not (crashed / "summary.json").exists()
+  r = run_module(args + ["--out", str(crashed), "--resume"])
+  assert r.returncode == 0, r.stderr
+  assert "resumed from step 120" in r.stdout
+  a, b = summary(clean), summary(crashed)
+  assert a.keys() == b.keys()
+  for key in ("final_loss", "relative_distance", "kappa_dense"):
+    assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key]))
+  assert max(abs(x - y) for x, y in zip(a["final_w"], b["final_w"])) <= 1e-6
+  # metrics.jsonl has no duplicated steps after the resume.
+  steps = [json.loads(x)["step"] for x in
+           (crashed / "metrics.jsonl").read_text().splitlines()]
+  assert len(steps) == len(set(steps))
+
+
+def test_refuses_to_overwrite_or_resume_other_config(tmp_path):
+  out = tmp_path / "run"
+  assert quadratic.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  with pytest.raises(SystemExit, match="--overwrite"):
+    quadratic.main(["--quick", "--out", str(out), "--quiet"])
+  with pytest.raises(SystemExit, match="differs in \\['steps'\\]"):
+    quadratic.main(["--quick", "--out", str(out), "--quiet", "--resume",
+                    "--steps", "10"])
+  assert quadratic.main(["--quick", "--out", str(out), "--quiet",
+                         "--overwrite", "--steps", "20"]) == 0
+  assert summary(out)["figures"]
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert quadratic.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  latest = max((out / "checkpoints" / "fit").iterdir(),
+               key=lambda p: int(p.name) if p.name.isdigit() else -1)
+  for f in latest.rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+  assert quadratic.main(["--quick", "--out", str(out), "--quiet",
+                         "--resume"]) == 2
+  assert "unreadable" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, capsys):
+  a, b = tmp_path / "a", tmp_path / "b"
+  assert quadratic.main(["--quick", "--out", str(a), "--quiet",
+                         "--seed", "1"]) == 0
+  assert quadratic.main(["--quick", "--out", str(b), "--quiet"]) == 0
+  shutil.rmtree(b / "checkpoints")
+  shutil.copytree(a / "checkpoints", b / "checkpoints")
+  assert quadratic.main(["--quick", "--out", str(b), "--quiet",
+                         "--resume"]) == 2
+  assert "another config" in capsys.readouterr().err
+
+
+def test_report_gathers_runs(tmp_path):
+  for seed in (0, 1):
+    assert quadratic.main(["--quick", "--out", str(tmp_path / f"s{seed}"),
+                           "--quiet", "--seed", str(seed)]) == 0
+  assert report.main([str(tmp_path)]) == 0
+  text = (tmp_path / "README.md").read_text()
+  assert text.count("| quadratic |") == 2 * 3
+  assert "s0/loss.png" in text and "s1/report.md" in text
+
+
+def test_no_pickle_in_saving_or_loading():
+  for folder in ("immunojax", "experiments"):
+    for path in (ROOT / folder).rglob("*.py"):
+      src = path.read_text()
+      assert "import pickle" not in src and "cloudpickle" not in src, path
