@@ -6,6 +6,7 @@ defender (differentiate through a simulated attack: SOPHON, IMMA, ...).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -70,8 +71,11 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
     first_order: stop gradients through the inner gradients (first-order
       MAML): the result still depends on ``params`` through the update path,
       but not through second derivatives.
-    remat: ``jax.checkpoint`` the scan body, so reverse-mode memory stays
-      near-flat in ``K`` (at about one extra forward pass per step).
+    remat: ``False``; ``True`` or ``"step"``: ``jax.checkpoint`` on the scan
+      body (no activations kept, but each step's input carry, i.e. params
+      and optimizer state, still is: memory grows with ``K``);
+      ``"nested"``: checkpointed chunks of ``~sqrt(K)`` steps, about
+      ``2 sqrt(K)`` saved carries for one extra forward pass.
     opt_state: continue from this optimizer state instead of ``init``.
     check_finite: when called eagerly, raise if any step's loss is NaN/Inf.
 
@@ -96,9 +100,16 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
     updates, s = opt.update(g, s, p)
     return (optax.apply_updates(p, updates), s), {"loss": loss, **aux}
 
+  if remat not in (False, True, "step", "nested"):
+    raise ValueError(f"unknown remat {remat!r}; expected False, True, 'step' "
+                     "or 'nested'")
   if remat:
     step = jax.checkpoint(step)
-  (p, s), metrics = jax.lax.scan(step, (params, state0), batches)
+  if remat == "nested":
+    (p, s), metrics = _nested_scan(step, (params, state0), batches,
+                                   _num_steps(batches))
+  else:
+    (p, s), metrics = jax.lax.scan(step, (params, state0), batches)
   if check_finite and _checks.is_concrete(metrics["loss"]):
     losses = np.asarray(metrics["loss"])
     bad = np.flatnonzero(~np.isfinite(losses))
@@ -108,6 +119,28 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
           f"(value {losses[bad[0]]}); lower the learning rate or check the "
           "data")
   return FinetuneResult(p, s, metrics)
+
+
+def _nested_scan(step, carry, xs, length: int):
+  """``lax.scan`` as an outer scan over checkpointed chunks of ~sqrt(K) steps.
+
+  Reverse mode saves one carry per chunk plus the carries of the one chunk
+  being differentiated: about ``2 sqrt(K)`` carries instead of ``K``, for one
+  extra forward pass. (Scan-based checkpoints are honoured by XLA; an
+  unrolled tree of ``jax.checkpoint`` calls is not.)
+  """
+  chunk = max(1, math.isqrt(length - 1) + 1)
+  full = length // chunk
+  head = jax.tree_util.tree_map(
+      lambda a: a[:full * chunk].reshape((full, chunk) + a.shape[1:]), xs)
+  body = jax.checkpoint(lambda c, x: jax.lax.scan(step, c, x))
+  carry, m = jax.lax.scan(body, carry, head)
+  m = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), m)
+  if full * chunk < length:
+    tail = jax.tree_util.tree_map(lambda a: a[full * chunk:], xs)
+    carry, mt = jax.lax.scan(step, carry, tail)
+    m = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), m, mt)
+  return carry, m
 
 
 def _has_aux(loss_fn, params, batch) -> bool:

@@ -61,10 +61,16 @@ def test_meta_gradient_through_sgd_on_quadratic_is_analytic(seed):
   fo = lambda w0: 0.5 * jnp.sum(finetune(w0, loss, optax.sgd(lr), batches,
                                          first_order=True).params ** 2)
   np.testing.assert_allclose(jax.grad(fo)(w0), wk, rtol=1e-10)
-  # remat changes memory, not values.
-  rm = lambda w0: 0.5 * jnp.sum(finetune(w0, loss, optax.sgd(lr), batches,
-                                         remat=True).params ** 2)
-  np.testing.assert_allclose(jax.grad(rm)(w0), jax.grad(outer)(w0), rtol=1e-12)
+  # remat changes memory, not values (nested: 7 = 3 chunks of 3 minus a tail).
+  for remat in (True, "step", "nested"):
+    rm = lambda w0: 0.5 * jnp.sum(finetune(w0, loss, optax.sgd(lr), batches,
+                                           remat=remat).params ** 2)
+    np.testing.assert_allclose(jax.grad(rm)(w0), jax.grad(outer)(w0),
+                               rtol=1e-12)
+  res = finetune(w0, loss, optax.sgd(lr), batches, remat="nested")
+  assert res.metrics["loss"].shape == (k,)
+  with pytest.raises(ValueError, match="unknown remat"):
+    finetune(w0, loss, optax.sgd(lr), batches, remat="sqrt")
 
 
 def test_second_order_through_adam_state_matches_finite_differences():
