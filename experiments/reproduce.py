@@ -20,6 +20,7 @@ from experiments import report
 # Grows as method issues land. (module, needs --data-dir)
 EXPERIMENTS: list[tuple[str, bool]] = [
     ("quadratic", False),
+    ("attack_grid", False),
 ]
 
 

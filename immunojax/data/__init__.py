@@ -1,5 +1,7 @@
 """Data: the only I/O in the package (bundled, generated or user-given sets)."""
 
 from immunojax.data.batches import batch_indices, steps_per_epoch, take
+from immunojax.data.digits import Split, class_split, load_digits
 
-__all__ = ["batch_indices", "steps_per_epoch", "take"]
+__all__ = ["Split", "batch_indices", "class_split", "load_digits",
+           "steps_per_epoch", "take"]

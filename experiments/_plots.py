@@ -1,0 +1,37 @@
+"""Plots shared by experiments (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def attack_curves(run, curves, name: str = "attack_curves", *,
+                  ylabel: str = "test metric", title: str = "") -> None:
+  """One panel per start point: every attack's curve, best one bold."""
+  starts = list(curves.metric)
+  fig, axes = run.new_figure(ncols=len(starts), figsize=(4.5 * len(starts), 3.6),
+                             sharey=True, squeeze=False)
+  for ax, start in zip(axes[0], starts):
+    m = curves.metric[start]
+    steps = curves.steps[start]
+    for row in m:
+      ax.plot(steps, row, color="tab:gray", alpha=0.35, lw=0.8)
+    best = int(np.nanargmax(np.nanmax(m, axis=1)))
+    ax.plot(steps, m[best], color="tab:red", lw=2,
+            label=curves.attacks[best].label)
+    ax.set(title=f"{start} ({len(m)} attacks)", xlabel="attack step")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(ylabel)
+  if title:
+    fig.suptitle(title)
+  run.save_figure(fig, name)
+
+
+def curves_json(curves) -> dict:
+  """Per-attack curves as JSON-able lists."""
+  return {"attacks": [a._asdict() for a in curves.attacks],
+          "steps": {k: v.tolist() for k, v in curves.steps.items()},
+          "metric": {k: np.where(np.isnan(v), None, v).tolist()
+                     for k, v in curves.metric.items()},
+          "final_loss": {k: v.tolist() for k, v in curves.final_loss.items()}}

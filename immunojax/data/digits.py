@@ -1,0 +1,53 @@
+"""scikit-learn's bundled 8x8 digits (1,797 images): no download needed."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class Split(NamedTuple):
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """``(x, y)``: ``x`` float32 ``(1797, 64)`` in [0, 1], ``y`` int32 labels."""
+  try:
+    from sklearn.datasets import load_digits as _load  # noqa: PLC0415
+  except ImportError as e:  # pragma: no cover - exercised only without sklearn
+    raise ImportError("the digits data ships with scikit-learn: "
+                      "pip install scikit-learn (or immunojax[experiments])"
+                      ) from e
+  d = _load()
+  return (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
+
+
+def class_split(classes: Sequence[int], *, test_fraction: float = 0.3,
+                seed: int = 0, relabel: bool = True) -> Split:
+  """Images of ``classes`` only, stratified train/test split.
+
+  Args:
+    classes: digit classes to keep.
+    test_fraction: held-out share of each class.
+    seed: shuffling seed.
+    relabel: map ``classes[i]`` to label ``i`` (so a 5-way head fits 5..9).
+  """
+  if not classes or len(set(classes)) != len(classes) or \
+      not all(0 <= c <= 9 for c in classes):
+    raise ValueError(f"classes must be distinct digits 0-9, got {classes}")
+  x, y = load_digits()
+  rng = np.random.default_rng(seed)
+  tr, te = [], []
+  for c in classes:
+    idx = rng.permutation(np.flatnonzero(y == c))
+    n_test = int(round(test_fraction * len(idx)))
+    te.append(idx[:n_test])
+    tr.append(idx[n_test:])
+  tr, te = rng.permutation(np.concatenate(tr)), rng.permutation(np.concatenate(te))
+  lut = np.full(10, -1, np.int32)
+  lut[list(classes)] = np.arange(len(classes)) if relabel else list(classes)
+  return Split(x[tr], lut[y[tr]], x[te], lut[y[te]])
