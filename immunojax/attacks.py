@@ -239,13 +239,28 @@ def summarize(curves: AttackCurves, *, threshold: float | None = None,
 
 
 # ------------------------------------------------- closed-form probe attacks
-def least_squares_probe(features: jax.Array, targets: jax.Array) -> jax.Array:
+def least_squares_probe(features: jax.Array, targets: jax.Array, *,
+                        rtol: float | None = None) -> jax.Array:
   """Minimum-norm least-squares head: what a Newton step (or any exact
-  solver) recovers in one step, whatever the conditioning."""
+  solver) recovers in one step, whatever the conditioning.
+
+  Singular values of ``F`` below ``rtol * s_max`` count as zero; the default
+  ``sqrt(D * eps)`` is the numerical rank rule of
+  :func:`immunojax.spectral.condition_number` applied to ``H = F^T F``
+  (eigenvalues below ``D * eps * lambda_max``), so the attacker and the
+  condition number see the same spectrum. (``jnp.linalg.pinv``'s default
+  keeps round-off directions whose coefficients then swamp ``w*``.)
+  """
   if jnp.ndim(features) != 2:
     raise ValueError(f"features must be 2-D, got shape {jnp.shape(features)}")
   _checks.check_finite(features, "features")
-  return jnp.linalg.pinv(features) @ targets
+  d = features.shape[1]
+  if rtol is None:
+    rtol = float(np.sqrt(d * np.finfo(features.dtype).eps))
+  u, s, vt = jnp.linalg.svd(features, full_matrices=False)
+  keep = s > rtol * s[0]
+  inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+  return vt.T @ (inv[:, None] * (u.T @ targets))
 
 
 class LineSearchCurve(NamedTuple):

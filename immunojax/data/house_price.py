@@ -1,0 +1,79 @@
+"""The condition-number paper's house-price tasks (Kaggle Ames housing).
+
+D_P = rows with ``MSZoning != "RL"`` labelled ``LotArea``; D_H = ``RL`` rows
+labelled ``SalePrice``; 79 features (every column but the two labels, ``Id``
+included). Preprocessing follows the released code (spec cond_num.md §5.1):
+per split ``fillna(0)``, per-split alphabetical label codes for text columns,
+z-scores over the whole split (ddof=1, zero std -> 1), float32 tensors. Item
+``i`` pairs D_P row ``i`` with D_H row ``i``; items 0-199 train, 200-299
+held out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+LABEL_P, LABEL_H = "LotArea", "SalePrice"
+NUM_TRAIN, NUM_HELDOUT = 200, 100
+
+
+class HousePrice(NamedTuple):
+  """Arrays of the two tasks; ``*_train`` are items 0-199, ``*_test`` 200-299."""
+  xp_train: np.ndarray
+  yp_train: np.ndarray
+  xh_train: np.ndarray
+  yh_train: np.ndarray
+  xp_test: np.ndarray
+  yp_test: np.ndarray
+  xh_test: np.ndarray
+  yh_test: np.ndarray
+  feature_names: tuple[str, ...]
+
+
+def _preprocess(frame, label: str):
+  frame = frame.fillna(0)
+  features = [c for c in frame.columns if c not in (LABEL_P, LABEL_H)]
+  cols = []
+  for c in features:
+    col = frame[c]
+    if col.dtype == object or str(col.dtype) in ("category", "string", "str"):
+      _, codes = np.unique(col.astype(str).to_numpy(), return_inverse=True)
+      cols.append(codes.astype(np.float64))
+    else:
+      cols.append(col.to_numpy(dtype=np.float64))
+  x = np.stack(cols, axis=1)
+  std = x.std(axis=0, ddof=1)
+  x = (x - x.mean(axis=0)) / np.where(std == 0, 1.0, std)
+  y = frame[label].to_numpy(dtype=np.float64)
+  ys = y.std(ddof=1)
+  y = (y - y.mean()) / (ys if ys else 1.0)
+  return x.astype(np.float32), y.astype(np.float32), tuple(features)
+
+
+def load_house_price(data_dir: str | Path) -> HousePrice:
+  """Reads ``train.csv`` from ``data_dir`` and builds both tasks.
+
+  Raises:
+    FileNotFoundError: naming the missing file.
+  """
+  path = Path(data_dir) / "train.csv"
+  if not path.exists():
+    raise FileNotFoundError(
+        f"house-price data: {path} not found. Point --data-dir at the folder "
+        "holding the Kaggle train.csv (e.g. ../shared/data/house_price)")
+  import pandas as pd  # noqa: PLC0415
+  frame = pd.read_csv(path)
+  missing = {"MSZoning", LABEL_P, LABEL_H} - set(frame.columns)
+  if missing:
+    raise ValueError(f"{path} lacks column(s) {sorted(missing)}")
+  d1 = frame[frame["MSZoning"] != "RL"].reset_index(drop=True)
+  d2 = frame[frame["MSZoning"] == "RL"].reset_index(drop=True)
+  xp, yp, names = _preprocess(d1, LABEL_P)
+  xh, yh, _ = _preprocess(d2, LABEL_H)
+  tr = slice(0, NUM_TRAIN)
+  te = slice(NUM_TRAIN, NUM_TRAIN + NUM_HELDOUT)
+  return HousePrice(xp[tr], yp[tr], xh[tr], yh[tr], xp[te], yp[te], xh[te],
+                    yh[te], names)

@@ -1,0 +1,1 @@
+"""The four immunization methods, built on the core (never the reverse)."""
