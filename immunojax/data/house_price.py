@@ -33,21 +33,25 @@ class HousePrice(NamedTuple):
   feature_names: tuple[str, ...]
 
 
+def _is_text(col) -> bool:
+  return col.dtype == object or str(col.dtype) in ("category", "string", "str")
+
+
 def _preprocess(frame, label: str):
-  frame = frame.fillna(0)
   features = [c for c in frame.columns if c not in (LABEL_P, LABEL_H)]
   cols = []
   for c in features:
     col = frame[c]
-    if col.dtype == object or str(col.dtype) in ("category", "string", "str"):
-      _, codes = np.unique(col.astype(str).to_numpy(), return_inverse=True)
+    if _is_text(col):  # the code's fillna(0) then astype(str): NaN -> "0"
+      text = col.astype(object).where(col.notna(), "0").astype(str)
+      _, codes = np.unique(text.to_numpy(), return_inverse=True)
       cols.append(codes.astype(np.float64))
     else:
-      cols.append(col.to_numpy(dtype=np.float64))
+      cols.append(col.fillna(0).to_numpy(dtype=np.float64))
   x = np.stack(cols, axis=1)
   std = x.std(axis=0, ddof=1)
   x = (x - x.mean(axis=0)) / np.where(std == 0, 1.0, std)
-  y = frame[label].to_numpy(dtype=np.float64)
+  y = frame[label].fillna(0).to_numpy(dtype=np.float64)
   ys = y.std(ddof=1)
   y = (y - y.mean()) / (ys if ys else 1.0)
   return x.astype(np.float32), y.astype(np.float32), tuple(features)
