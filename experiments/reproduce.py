@@ -21,6 +21,8 @@ from experiments import report
 EXPERIMENTS: list[tuple[str, bool]] = [
     ("quadratic", False),
     ("attack_grid", False),
+    ("house_price", True),
+    ("digit_pairs", False),
 ]
 
 

@@ -7,8 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-import jax
-import pytest
+from immunojax.xla_flags import avoid_cpu_scheduler_deadlock
+
+avoid_cpu_scheduler_deadlock()   # before JAX starts its backend
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

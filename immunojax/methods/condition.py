@@ -146,6 +146,8 @@ class LinearConfig(NamedTuple):
     preconditioner, ridge, precondition_side: see :func:`preconditioner`.
     estimator: ``kappa`` estimator inside the regularizers.
     inner_steps, inner_lr: IMMA's simulated probe.
+    task_loss: ``"mse"`` (regression, house price) or ``"bce"`` (binary
+      logistic loss on 0/1 labels, the code's MNIST loss).
   """
   method: str = "ours"
   learning_rate: float = 0.005
@@ -158,6 +160,7 @@ class LinearConfig(NamedTuple):
   estimator: str = "pinv"
   inner_steps: int = 20
   inner_lr: float = 0.1
+  task_loss: str = "mse"
 
 
 def _unit(g):
@@ -167,6 +170,15 @@ def _unit(g):
 def regression_loss(theta, omega, x, y):
   """The released code's pre-training loss ``||y - X theta omega||^2 / N``."""
   return jnp.mean((x @ theta @ omega - y) ** 2)
+
+
+def logistic_loss(theta, omega, x, y):
+  """Binary cross-entropy with logits ``X theta omega`` and 0/1 labels."""
+  z = x @ theta @ omega
+  return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+
+TASK_LOSSES = {"mse": regression_loss, "bce": logistic_loss}
 
 
 class LinearData(NamedTuple):
@@ -182,6 +194,7 @@ class LinearData(NamedTuple):
 def linear_data(x_p, x_h, y_h, config: LinearConfig) -> LinearData:
   """Precomputes ``K_P = X_P^T X_P``, ``K_H`` and their preconditioners."""
   _checks.check_choice(config.method, METHODS, "method")
+  _checks.check_choice(config.task_loss, TASK_LOSSES, "task_loss")
   k_p, k_h = spectral.gram(x_p), spectral.gram(x_h)
   kw = dict(kind=config.preconditioner, ridge=config.ridge)
   return LinearData(k_p, k_h, preconditioner(k_p, **kw),
@@ -243,7 +256,8 @@ def linear_step(state: dict, batch: tuple, data: LinearData,
   """
   theta, omega = state["theta"], state["omega"]
   x, y = batch
-  loss, (g_theta, g_omega) = jax.value_and_grad(regression_loss, (0, 1))(
+  loss, (g_theta, g_omega) = jax.value_and_grad(
+      TASK_LOSSES[config.task_loss], (0, 1))(
       theta, omega, x, y[:, None])
   d_reg, metrics = regularizer_direction(theta, data, config)
   eta = config.learning_rate
