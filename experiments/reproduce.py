@@ -23,6 +23,7 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("attack_grid", False),
     ("house_price", True),
     ("digit_pairs", False),
+    ("deep_immunization", False),
 ]
 
 

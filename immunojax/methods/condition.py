@@ -328,3 +328,46 @@ def rir_over_groups(extract_imm, extract_ref, x_p, x_h, *, key: jax.Array,
           "kappa_ratio_pretrain": float(mean[2]),
           "num_groups": num_groups, "group_size": group_size,
           "estimator": estimator}
+
+
+# ------------------------------------------------------------------ deep case
+def deep_objective_grads(params, features_fn, task_loss_fn, batch_p, x_h, *,
+                         method: str = "ours", lambda_p: float = 1.0,
+                         lambda_h: float = 1.0, normalize: bool = True):
+  """Gradient of ``L(D_P) + lambda_H R_ill(H~_H) + lambda_P R_well(H~_P)``
+  for a non-linear extractor (paper Eq. 18: ``H~ = F(theta)^T F(theta)`` of
+  pooled features). No ``K^-1`` preconditioning (the paper's theory is linear
+  and the released code has none for deep nets).
+
+  Args:
+    params: model parameters (pytree).
+    features_fn: ``features_fn(params, x) -> (N, D_hid)``.
+    task_loss_fn: ``task_loss_fn(params, batch) -> scalar`` on D_P.
+    batch_p: pre-training batch; its inputs ``batch_p[0]`` give ``H~_P``.
+    x_h: harmful inputs (no labels needed).
+    method: ``ours``, ``r_ill_only`` or ``opt_kappa``.
+    normalize: scale each regularizer gradient to unit global norm (ours).
+
+  Returns:
+    ``(grads, metrics)``.
+  """
+  _checks.check_choice(method, ("ours", "r_ill_only", "opt_kappa"), "method")
+  loss, g = jax.value_and_grad(task_loss_fn)(params, batch_p)
+  f_p = lambda p: features_fn(p, batch_p[0])
+  f_h = lambda p: features_fn(p, x_h)
+  if method == "opt_kappa":
+    kap = lambda f: spectral.log_condition_number(spectral.gram_eigenvalues(f))
+    terms = {"p": (lambda p: kap(f_p(p)), lambda_p),
+             "h": (lambda p: 1.0 / kap(f_h(p)), lambda_h)}
+  else:
+    terms = {"h": (lambda p: r_ill_features(f_h(p)), lambda_h)}
+    if method == "ours":
+      terms["p"] = (lambda p: r_well_features(f_p(p)), lambda_p)
+  for fn, lam in terms.values():
+    gr = jax.grad(fn)(params)
+    if normalize:
+      norm = optax.global_norm(gr)
+      gr = jax.tree_util.tree_map(
+          lambda x: x / jnp.maximum(norm, jnp.finfo(x.dtype).tiny), gr)
+    g = jax.tree_util.tree_map(lambda a, b: a + lam * b, g, gr)
+  return g, {"task_loss": loss}
