@@ -24,3 +24,55 @@ def test_attack_grid_quick(tmp_path):
   assert len(curves["attacks"]) == 12 and len(curves["metric"]["scratch"][0]) == 4
   assert (out / "attack_curves.png").exists()
   assert s["dp_accuracy"] > 0.9
+
+
+def test_house_price_quick_contract(tmp_path, house_price_dir):
+  from experiments import house_price
+  out = tmp_path / "hp"
+  assert house_price.main(["--quick", "--out", str(out), "--quiet",
+                           "--data-dir", str(house_price_dir)]) == 0
+  s = load(out)
+  assert set(s["methods"]) == {"identity", "r_ill_only", "opt_kappa", "imma",
+                               "ours"}
+  for m, v in s["methods"].items():
+    for key in ("rir", "kappa_ratio_harmful", "kappa_ratio_pretrain",
+                "estimator", "rir_official"):
+      assert key in v, (m, key)
+  ours = s["methods"]["ours"]
+  assert ours["rir"] > 10 and ours["kappa_ratio_pretrain"] < 1
+  # Def. 3.1(c): an invertible theta keeps the best D_P head's quality.
+  assert ours["dp_test_mse_best_head"] == pytest.approx(
+      s["methods"]["identity"]["dp_test_mse_best_head"], rel=1e-3)
+  assert (out / "fig1_linesearch.png").exists() and s["wall_seconds"] > 0
+
+
+def test_house_price_without_data_names_the_option(tmp_path):
+  from experiments import house_price
+  with pytest.raises(SystemExit, match="--data-dir"):
+    house_price.main(["--quick", "--out", str(tmp_path / "x"), "--quiet"])
+  assert "data-dir" in house_price.unavailable_reason(None)
+
+
+def test_digit_pairs_quick_contract(tmp_path):
+  from experiments import digit_pairs
+  out = tmp_path / "dp"
+  assert digit_pairs.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  s = load(out)
+  for m in digit_pairs.QUICK["methods"]:
+    v = s["methods"][m]
+    assert 0 <= v["success_pairs"] <= 90 and v["mean_rir"] > 0
+    assert len(v["log_rir_matrix"]) == 10 and v["log_rir_matrix"][3][3] is None
+  assert s["methods"]["ours"]["success_pairs"] >= 80
+  assert (out / "log_rir_heatmaps.png").exists()
+
+
+def test_deep_immunization_quick_contract(tmp_path):
+  from experiments import deep_immunization
+  out = tmp_path / "di"
+  assert deep_immunization.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  s = load(out)
+  assert s["methods"]["identity"]["dp_accuracy"] > 0.9
+  ours = s["methods"]["ours"]
+  assert ours["rir_theta0"] > 1 and ours["dp_accuracy"] > 0.9
+  assert {"rir_theta0", "dp_accuracy"} <= set(ours)
+  assert (out / "probe_curves.png").exists()
