@@ -369,7 +369,7 @@ def deep_objective_grads(params, features_fn, task_loss_fn, batch_p, x_h, *,
   for fn, lam in terms.values():
     gr = jax.grad(fn)(params)
     if normalize:
-      norm = optax.global_norm(gr)
+      norm = optax.tree.norm(gr)
       gr = jax.tree_util.tree_map(
           lambda x: x / jnp.maximum(norm, jnp.finfo(x.dtype).tiny), gr)
     g = jax.tree_util.tree_map(lambda a, b: a + lam * b, g, gr)
