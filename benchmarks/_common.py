@@ -58,6 +58,17 @@ def write(out: str, payload: dict) -> Path:
   return path
 
 
+def finish(out: str, records: list, summary: dict) -> Path:
+  """Writes ``{records, summary, machine}`` to ``out`` and prints the summary."""
+  path = write(out, {"records": records, "summary": summary,
+                     "machine": machine()})
+  print("summary:")
+  for key, value in summary.items():
+    print(f"  {key}: {value}")
+  print(f"wrote {path}", flush=True)
+  return path
+
+
 def plot_lines(path: Path, panels: list[tuple[str, str, dict]]) -> Path:
   """One log-log panel per (title, xlabel, {label: (xs, ys)})."""
   import matplotlib  # noqa: PLC0415

@@ -93,8 +93,7 @@ def main(argv=None):
       "second_order_overhead <= 3 (K=50)": summary["second_order_overhead"] <= 3,
       "remat_memory_ratio <= 1.5 (K=50 vs 1)": summary["remat_memory_ratio"] <= 1.5,
   }
-  path = _common.write(args.out, {"records": records, "summary": summary,
-                                  "machine": _common.machine()})
+  path = _common.finish(args.out, records, summary)
   ksx = [r["K"] for r in records]
   png = _common.plot_lines(path, [
       ("time of one outer step vs K plain steps", "inner steps K", {
@@ -106,10 +105,7 @@ def main(argv=None):
           tag: (ksx, [r[f"temp_mb_remat_{tag}"] for r in records])
           for tag in ("none", "step", "nested")}),
   ])
-  log("summary:")
-  for key_, v in summary.items():
-    log(f"  {key_}: {v}")
-  log(f"wrote {path} and {png}")
+  log(f"wrote {png}")
   return 0
 
 

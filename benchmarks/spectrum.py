@@ -268,8 +268,7 @@ def main(argv=None):
     targets["Lanczos vs power <= 1e-6 rel"] = \
         summary["lanczos_vs_power_rel_diff_at_largest"] <= 1e-6
   summary["targets_met"] = targets
-  path = _common.write(args.out, {"records": records, "summary": summary,
-                                  "machine": _common.machine()})
+  path = _common.finish(args.out, records, summary)
   panels = []
   for family, xlabel in (("probe_n100", "feature dim D"),
                          ("probe_n2000", "feature dim D"),
@@ -284,10 +283,7 @@ def main(argv=None):
         series[m] = tuple(zip(*pts))
     panels.append((f"{family}: time to the top eigenvalue", xlabel, series))
   png = _common.plot_lines(path, panels)
-  log("summary:")
-  for k, v in summary.items():
-    log(f"  {k}: {v}")
-  log(f"wrote {path} and {png}")
+  log(f"wrote {png}")
   return 0
 
 

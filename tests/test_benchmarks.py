@@ -1,0 +1,27 @@
+"""Benchmark scripts run at --quick size and write their contract.
+
+Timings are reported by the scripts, never asserted here.
+"""
+
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("name,keys", [
+    ("cond_num", ["ours_seconds_with_compile", "ours_steps_per_second"]),
+    ("bilevel", ["second_order_overhead", "remat_memory_ratio"]),
+    ("spectrum", ["lanczos_overhead_vs_hvp", "closed_form_speedup_vs_hessian",
+                  "lanczos_speedup_vs_eigsh_at_largest"]),
+])
+def test_benchmark_quick_writes_summary(tmp_path, name, keys):
+  import importlib
+  module = importlib.import_module(f"benchmarks.{name}")
+  out = tmp_path / f"{name}.json"
+  assert module.main(["--quick", "--out", str(out)]) == 0
+  payload = json.loads(out.read_text())
+  for key in keys:
+    assert isinstance(payload["summary"][key], float), key
+  assert payload["records"] and "targets_met" in payload["summary"]
+  if name != "cond_num":
+    assert out.with_suffix(".png").exists()
