@@ -158,7 +158,7 @@ def run(cfg: Config, run: _runner.Run) -> dict:
 
 def _heatmaps(run, maps, cfg):
   fig, axes = run.new_figure(ncols=len(maps), figsize=(4.2 * len(maps), 3.8),
-                             squeeze=False)
+                             squeeze=False, constrained_layout=True)
   vmax = max(np.nanmax(np.abs(m)) for m in maps.values())
   for ax, (name, m) in zip(axes[0], maps.items()):
     im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
