@@ -118,12 +118,16 @@ def _prepare(mode, params, target: Target, key):
   return adapters, None, lambda a: lora.merge(params, a, target.lora_config)
 
 
-def _run_group(params, target: Target, optimizer: str, batch_size: int,
-               mode: str, steps: int, eval_every: int, lrs, seeds):
+def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
+              steps: int, eval_every: int):
+  """One compiled ``(lrs, seeds, params, train_data) -> curves`` per group,
+  reused for every start point."""
   n = jax.tree_util.tree_leaves(target.train_data)[0].shape[0]
   num_evals = steps // eval_every
 
-  def one(lr, seed):
+  # Parameters and data are arguments, not closures: closed-over arrays
+  # would be compiled in as constants, once per start point.
+  def one(lr, seed, params, train_data):
     key = jax.random.PRNGKey(seed)
     init_key, data_key = jax.random.split(key)
     trainable, mask, to_model = _prepare(mode, params, target, init_key)
@@ -137,7 +141,7 @@ def _run_group(params, target: Target, optimizer: str, batch_size: int,
 
     def chunk(carry, chunk_idx):
       p, s = carry
-      batches = jax.tree_util.tree_map(lambda a: a[chunk_idx], target.train_data)
+      batches = jax.tree_util.tree_map(lambda a: a[chunk_idx], train_data)
       res = finetune(p, loss, opt, batches, trainable=mask, opt_state=s,
                      check_finite=False)
       return (res.params, res.opt_state), (target.metric_fn(to_model(res.params)),
@@ -146,7 +150,7 @@ def _run_group(params, target: Target, optimizer: str, batch_size: int,
     _, (metric, last_loss) = jax.lax.scan(chunk, (trainable, opt_state), idx)
     return jnp.concatenate([first[None], metric]), last_loss
 
-  return jax.jit(jax.vmap(one))(jnp.asarray(lrs), jnp.asarray(seeds))
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
 
 
 class AttackCurves(NamedTuple):
@@ -180,19 +184,20 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
   groups: dict[tuple, list[int]] = {}
   for i, a in enumerate(attacks):
     groups.setdefault((a.optimizer, a.batch_size, a.mode, a.steps), []).append(i)
-  for name, params in start_points.items():
-    m = np.full((len(attacks), len(steps_axis)), np.nan)
-    fl = np.full((len(attacks),), np.nan)
-    for (opt, bs, mode, k), members in groups.items():
-      lrs = [attacks[i].learning_rate for i in members]
-      seeds = [attacks[i].seed for i in members]
-      curves, losses = _run_group(params, target, opt, bs, mode, k, eval_every,
-                                  lrs, seeds)
-      curves, losses = np.asarray(curves), np.asarray(losses)
+  for name in start_points:
+    metric[name] = np.full((len(attacks), len(steps_axis)), np.nan)
+    final_loss[name] = np.full((len(attacks),), np.nan)
+    steps[name] = steps_axis
+  for (opt, bs, mode, k), members in groups.items():
+    fn = _group_fn(target, opt, bs, mode, k, eval_every)
+    lrs = jnp.asarray([attacks[i].learning_rate for i in members])
+    seeds = jnp.asarray([attacks[i].seed for i in members])
+    for name, params in start_points.items():
+      curves, losses = (np.asarray(a) for a in fn(lrs, seeds, params,
+                                                  target.train_data))
       for j, i in enumerate(members):
-        m[i, :curves.shape[1]] = curves[j]
-        fl[i] = losses[j, -1]
-    metric[name], final_loss[name], steps[name] = m, fl, steps_axis
+        metric[name][i, :curves.shape[1]] = curves[j]
+        final_loss[name][i] = losses[j, -1]
   return AttackCurves(list(attacks), steps, metric, final_loss)
 
 
