@@ -25,8 +25,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from experiments import _plots, _runner  # noqa: E402
-from immunojax import attacks, data, models  # noqa: E402
-from immunojax.masks import path_string as models_path  # noqa: E402
+from immunojax import attacks, data, masks, models  # noqa: E402
+from immunojax.finetune import masked_optimizer  # noqa: E402
 from immunojax.methods import condition as cond  # noqa: E402
 
 PAPER = {"ours": 3.467, "opt_kappa": 1.527, "r_ill_only": 1.057}  # R18 / Cars
@@ -94,12 +94,9 @@ def run(cfg: Config, run: _runner.Run) -> dict:
                    cfg.pretrain_steps, desc="pre-training theta_0")
   theta0 = state["params"]
   # The last feature block and the head move; the first block is frozen.
-  trainable = jax.tree_util.tree_map_with_path(
-      lambda path, _: "layers/0/" not in models_path(path), theta0)
-  inner = optax.multi_transform(
-      {"t": optax.sgd(cfg.learning_rate, momentum=0.9), "f": optax.set_to_zero()},
-      jax.tree_util.tree_map(lambda m: "t" if m else "f", trainable))
-  assert sum(jax.tree_util.tree_leaves(trainable)) == 4, trainable
+  trainable = masks.mask_from_patterns(theta0, ("^layers/1/", "^head/"))
+  inner = masked_optimizer(optax.sgd(cfg.learning_rate, momentum=0.9),
+                           trainable)
 
   key = jax.random.PRNGKey(cfg.seed + 7)
   results = {"identity": {"rir_theta0": 1.0, "dp_accuracy": acc(theta0),

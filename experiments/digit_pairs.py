@@ -63,9 +63,8 @@ def pair_arrays(cfg: Config):
 
 def train(cfg: Config, run: _runner.Run, arrays, method: str):
   xp, yp, xh, yh = arrays
-  lam_p = 0.0 if method in ("r_ill_only", "imma") else cfg.lambda_p
   lc = cond.LinearConfig(method=method, learning_rate=cfg.learning_rate,
-                         lambda_p=lam_p, lambda_h=cfg.lambda_h,
+                         lambda_p=cfg.lambda_p, lambda_h=cfg.lambda_h,
                          task_loss="bce")
   lin = jax.jit(jax.vmap(lambda p, h, yh: cond.linear_data(p, h, yh, lc)))(
       xp, xh, yh)

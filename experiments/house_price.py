@@ -143,9 +143,9 @@ def run(cfg: Config, run: _runner.Run) -> dict:
   d = arrays[0].shape[1]
   methods["identity"], curves["identity"] = evaluate(
       jnp.eye(d), jnp.zeros((d, 1)), arrays, test, cfg)
-  for m in cfg.methods:
-    lam_p = 0.0 if m in ("r_ill_only", "imma") else cfg.lambda_p
-    theta, omega = train(cfg, run, arrays, m, lam_p, cfg.lambda_h, name=m)
+  for m in cfg.methods:   # r_ill_only and imma ignore lambda_p
+    theta, omega = train(cfg, run, arrays, m, cfg.lambda_p, cfg.lambda_h,
+                         name=m)
     methods[m], curves[m] = evaluate(theta, omega, arrays, test, cfg)
     run.print(f"  {m:11s} RIR {methods[m]['rir']:.4g} (i) "
               f"{methods[m]['kappa_ratio_harmful']:.4g} (ii) "

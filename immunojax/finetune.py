@@ -153,8 +153,3 @@ def _has_aux(loss_fn, params, batch) -> bool:
   if loss.shape != ():
     raise ValueError(f"loss_fn must return a scalar, got shape {loss.shape}")
   return has_aux
-
-
-def stack_batches(data: PyTree, indices: jax.Array) -> PyTree:
-  """Gathers a ``(K, B)`` index array into stacked batches for :func:`finetune`."""
-  return jax.tree_util.tree_map(lambda a: jnp.take(a, indices, axis=0), data)
