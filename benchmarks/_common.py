@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import jax
+from flax import nnx
+
+from immunojax import models
 
 
 def block(x):
@@ -88,3 +91,16 @@ def plot_lines(path: Path, panels: list[tuple[str, str, dict]]) -> Path:
   fig.savefig(png, dpi=110)
   plt.close(fig)
   return png
+
+
+def mlp(seed: int, width: int, *, depth: int = 2, d_in: int = 64,
+        d_out: int = 10, dtype=None):
+  """``(loss(params, x, y), params)`` of a tanh ``models.MLP`` classifier,
+  the network every benchmark measures; ``dtype`` casts the parameters
+  (default: float64 when x64 is on, else float32)."""
+  apply, params = models.functional(models.MLP(
+      [d_in] + [width] * depth + [d_out], rngs=nnx.Rngs(seed),
+      activation=jax.numpy.tanh))
+  dtype = dtype or jax.numpy.zeros(()).dtype
+  params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+  return (lambda p, x, y: models.cross_entropy(apply(p, x), y)), params

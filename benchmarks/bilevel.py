@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import _common
-from benchmarks.spectrum import mlp_init, mlp_loss
 from immunojax.finetune import finetune
 
 
@@ -29,7 +28,7 @@ def main(argv=None):
   ks = (1, 5, 20, 50)
   width, batch = (128, 128) if quick else (256, 256)
   key = jax.random.PRNGKey(0)
-  params = mlp_init(key, width)
+  mlp_loss, params = _common.mlp(0, width)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   loss = lambda p, b: mlp_loss(p, *b)
   inner = optax.adam(1e-3)

@@ -13,37 +13,18 @@ from __future__ import annotations
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
-
-from benchmarks import _common  # noqa: E402
-from immunojax import spectral  # noqa: E402
-
-
-def mlp_init(key, width, depth=2, d_in=64, d_out=10):
-  sizes = [d_in] + [width] * depth + [d_out]
-  keys = jax.random.split(key, len(sizes))
-  return [{"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
-          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-
-
-def mlp_loss(params, x, y):
-  h = x
-  for layer in params[:-1]:
-    h = jnp.tanh(h @ layer["w"] + layer["b"])
-  logits = h @ params[-1]["w"] + params[-1]["b"]
-  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None],
-                                       axis=1))
+from benchmarks import _common
+from immunojax import models, spectral
 
 
 def width_for(num_params, depth=2, d_in=64, d_out=10):
   """Smallest hidden width giving at least ``num_params`` parameters."""
   w = 1
-  while (d_in + 1) * w + (depth - 1) * (w + 1) * w + (w + 1) * d_out < num_params:
+  while models.mlp_size([d_in] + [w] * depth + [d_out]) < num_params:
     w += 1
   return w
 
@@ -155,6 +136,7 @@ def probe_case(dim, n, key):
 def main(argv=None):
   args = _common.parser(__doc__.splitlines()[0],
                         "results/benchmarks/spectrum.json").parse_args(argv)
+  jax.config.update("jax_enable_x64", True)
   quick = args.quick
   repeats = args.repeats or (2 if quick else 3)
   log = lambda s: print(s, flush=True)
@@ -203,11 +185,11 @@ def main(argv=None):
   log("[MLP: tanh, 2 hidden layers, softmax cross-entropy, 512 samples]")
   mlp_sizes = [1_000, 10_000, 100_000] if quick else \
       [1_000, 10_000, 100_000, 1_000_000]
-  k1, k2, k3 = jax.random.split(key, 3)
+  k1, k2, _ = jax.random.split(key, 3)
   x = jax.random.normal(k1, (512, 64))
   y = jax.random.randint(k2, (512,), 0, 10)
   for size in mlp_sizes:
-    params = mlp_init(k3, width_for(size))
+    mlp_loss, params = _common.mlp(0, width_for(size))
     bench_operator("mlp", size, mlp_loss, params, (x, y),
                    k=50 if quick else 100, repeats=repeats,
                    exact=spectral.num_params(params) <= (1_100 if quick else 5_000),

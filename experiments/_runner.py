@@ -1,19 +1,14 @@
-"""What every ``python -m experiments.<name>`` shares.
-
-An experiment module defines a frozen dataclass ``Config`` (with a ``seed``
-field), a dict ``QUICK`` of overrides for ``--quick``, and
-``run(config, run) -> summary`` where ``run`` is a :class:`Run`. It ends with
-``main = runner.entry_point(NAME, Config, run, quick=QUICK)``.
+"""The run an experiment writes into: :class:`Run` and its directory.
 
 The runner owns every side effect: the output directory (config.json,
 metrics.jsonl, summary.json, report.md, PNGs), progress bars, and orbax
 checkpoints of long loops so ``--resume`` continues a crashed run and ends
-with the same ``summary.json`` as an uninterrupted one.
+with the same ``summary.json`` as an uninterrupted one. The command line is
+:mod:`experiments._cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -231,6 +226,33 @@ class Run:
       manager.close()
     return state
 
+  def fit(self, loop: str, immunizer, state: Any,
+          sample: Callable[[Any, Any], Any], data: Any, num_steps: int, *,
+          key=None, log_every: int = 10, desc: str | None = None,
+          checkpoint: bool = True) -> Any:
+    """:meth:`loop` over ``jit(immunizer.update)``.
+
+    Step ``t`` feeds the batch ``sample(data, t)`` (a pure function of the
+    step, so a resumed run sees the same batches) and the key
+    ``fold_in(key, t)``. ``data`` is a jit argument, not a closure, so large
+    arrays are not compiled in as constants.
+
+    Returns:
+      The final state.
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    @jax.jit
+    def step(state, t, data):
+      return immunizer.update(state, sample(data, t),
+                              jax.random.fold_in(key, t))
+
+    return self.loop(loop, state, lambda s, t: step(s, jnp.asarray(t), data),
+                     num_steps, log_every=log_every, desc=desc,
+                     checkpoint=checkpoint)
+
   # --------------------------------------------------------------- finish
   def finish(self, summary: dict) -> dict:
     summary = dict(_jsonable(summary))
@@ -277,46 +299,6 @@ def _versions() -> dict:
   return out
 
 
-def parse(name: str, config_cls, quick: dict, argv=None, description=""):
-  parser = argparse.ArgumentParser(
-      prog=f"python -m experiments.{name}", description=description)
-  parser.add_argument("--quick", action="store_true",
-                      help="reduced size (what the test suite runs)")
-  parser.add_argument("--out", type=Path, default=None,
-                      help=f"run directory [default: results/{name}/<timestamp>]")
-  parser.add_argument("--config", default=None,
-                      help="JSON or YAML file of config options")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue the run in --out from its checkpoints")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="delete an existing --out directory first")
-  parser.add_argument("--quiet", action="store_true",
-                      help="no progress bars (automatic when not a TTY)")
-  parser.add_argument("--checkpoint-every", type=int, default=50,
-                      help="steps between checkpoints of long loops [default: 50]")
-  parser.add_argument("--keep-checkpoints", type=int, default=2,
-                      help="checkpoints kept per loop [default: 2]")
-  _config.add_config_arguments(parser, config_cls, quick)
-  args = parser.parse_args(argv)
-  run_keys = {"quick", "out", "config", "resume", "overwrite", "quiet",
-              "checkpoint_every", "keep_checkpoints"}
-  cli_values = {k: v for k, v in vars(args).items() if k not in run_keys}
-  file_values = _config.load_config_file(args.config) if args.config else None
-  config = _config.resolve(config_cls, quick=args.quick, quick_overrides=quick,
-                           file_values=file_values, cli_values=cli_values)
-  if args.checkpoint_every < 1:
-    parser.error("--checkpoint-every must be >= 1")
-  out = args.out
-  if out is None:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path("results") / name / f"{stamp}-seed{getattr(config, 'seed', 0)}"
-  options = RunOptions(out=out, resume=args.resume, overwrite=args.overwrite,
-                       quiet=args.quiet, quick=args.quick,
-                       checkpoint_every=args.checkpoint_every,
-                       keep_checkpoints=args.keep_checkpoints)
-  return config, options
-
-
 def prepare_dir(name: str, config, options: RunOptions) -> None:
   out = options.out
   config_dict = _config.as_dict(config)
@@ -349,23 +331,3 @@ def prepare_dir(name: str, config, options: RunOptions) -> None:
   }, indent=2))
 
 
-def entry_point(name: str, config_cls, run_fn, *, quick: dict,
-                description: str = ""):
-  """Builds ``main(argv=None) -> int`` for an experiment module."""
-
-  def main(argv=None) -> int:
-    config, options = parse(name, config_cls, quick, argv, description)
-    prepare_dir(name, config, options)
-    run = Run(name, config, options)
-    try:
-      summary = run.finish(run_fn(config, run))
-    except CheckpointError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    run.print(f"[{name}] wrote {options.out}/summary.json")
-    for f in summary["figures"]:
-      run.print(f"  {f['name']}: ours {fmt(f['ours'])}  paper "
-                f"{fmt(f['paper'])}  {f['note']}")
-    return 0
-
-  return main

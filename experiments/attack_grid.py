@@ -17,12 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from experiments import _plots, _runner
+from experiments import _cli, _plots, _pretrain, _runner
 from immunojax import attacks, data, lora, models
 
 
@@ -49,38 +47,23 @@ QUICK = {"pretrain_steps": 200, "optimizers": ("sgd", "adam"),
          "steps": (60,), "eval_every": 20}
 
 
-def run(cfg: Config, run: _runner.Run) -> dict:
+def experiment(cfg: Config, run: _runner.Run) -> dict:
   primary = data.class_split(range(5), seed=cfg.seed)
   harmful = data.class_split(range(5, 10), seed=cfg.seed)
   model = models.MLP((64, cfg.hidden, cfg.hidden, 5),
                      rngs=nnx.Rngs(cfg.seed))
   apply, init_params = models.functional(model)
-
-  def xent(p, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
-
-  opt = optax.adam(cfg.pretrain_lr)
-  xp, yp = jnp.asarray(primary.x_train), jnp.asarray(primary.y_train)
-
-  @jax.jit
-  def pretrain_step(state, step):
-    idx = data.batch_indices(state["key"], xp.shape[0], 64, step)
-    value, g = jax.value_and_grad(xent)(state["params"], xp[idx], yp[idx])
-    u, s = opt.update(g, state["opt"], state["params"])
-    return ({**state, "params": optax.apply_updates(state["params"], u),
-             "opt": s}, {"loss": value})
-
-  state = {"params": init_params, "opt": opt.init(init_params),
-           "key": jax.random.PRNGKey(cfg.seed + 1)}
-  state = run.loop("pretrain", state, pretrain_step, cfg.pretrain_steps,
-                   desc="pre-training on digits 0-4")
-  pretrained = state["params"]
+  pretrained = _pretrain.classifier(run, apply, init_params, primary,
+                                    steps=cfg.pretrain_steps,
+                                    lr=cfg.pretrain_lr, batch_size=64,
+                                    seed=cfg.seed + 1,
+                                    desc="pre-training on digits 0-4")
   dp_acc = float(models.accuracy(apply(pretrained, primary.x_test),
                                  primary.y_test))
 
   xh, yh = jnp.asarray(harmful.x_test), jnp.asarray(harmful.y_test)
   target = attacks.Target(
-      loss_fn=lambda p, b: xent(p, *b),
+      loss_fn=lambda p, b: models.cross_entropy(apply(p, b[0]), b[1]),
       metric_fn=lambda p: models.accuracy(apply(p, xh), yh),
       train_data=(jnp.asarray(harmful.x_train), jnp.asarray(harmful.y_train)),
       head=("head",),
@@ -109,8 +92,8 @@ def run(cfg: Config, run: _runner.Run) -> dict:
   return {"num_attacks": len(grid), "dp_accuracy": dp_acc, "attacks": summary}
 
 
-main = _runner.entry_point("attack_grid", Config, run, quick=QUICK,
-                           description=__doc__.splitlines()[0])
+main = _cli.entry_point("attack_grid", Config, experiment, quick=QUICK,
+                        description=__doc__.splitlines()[0], x64=False)
 
 if __name__ == "__main__":
   raise SystemExit(main())

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Literal
 
 import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-jax.config.update("jax_enable_x64", True)
+from experiments import _cli, _plots, _pretrain, _runner
+from immunojax import attacks, data, masks, models, spectral
+from immunojax.methods import cond_num
 
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from experiments import _plots, _runner  # noqa: E402
-from immunojax import attacks, data, masks, models  # noqa: E402
-from immunojax.finetune import masked_optimizer  # noqa: E402
-from immunojax.methods import condition as cond  # noqa: E402
-
-PAPER = {"ours": 3.467, "opt_kappa": 1.527, "r_ill_only": 1.057}  # R18 / Cars
+PAPER = {"cond_num": 3.467, "opt_kappa": 1.527, "r_ill_only": 1.057}  # R18 / Cars
+Method = Literal["cond_num", "r_ill_only", "opt_kappa"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,120 +40,95 @@ class Config:
   learning_rate: float = 0.05
   lambda_p: float = 1.0
   lambda_h: float = 1.0
-  methods: tuple[str, ...] = ("r_ill_only", "opt_kappa", "ours")
+  methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "cond_num")
+  estimator: Literal["pinv", "official"] = dataclasses.field(
+      default="pinv", metadata={"help": "kappa estimator inside the "
+                                "regularizers (reports show both)"})
+  normalize: bool = dataclasses.field(
+      default=True, metadata={"help": "unit-norm regularizer gradients "
+                              "(ours; the paper balances them by hand)"})
   num_groups: int = 20
   group_size: int = 100
   probe_steps: int = 300
   probe_lrs: tuple[float, ...] = (0.01, 0.1, 1.0)
 
 
-QUICK = {"pretrain_steps": 300, "immunize_steps": 300, "methods": ("ours",),
+QUICK = {"pretrain_steps": 300, "immunize_steps": 300, "methods": ("cond_num",),
          "num_groups": 5, "probe_steps": 100, "probe_lrs": (0.1, 1.0)}
 
 
-def run(cfg: Config, run: _runner.Run) -> dict:
+def experiment(cfg: Config, run: _runner.Run) -> dict:
   primary = data.class_split(range(5), seed=cfg.seed)
   harmful = data.class_split(range(5, 10), seed=cfg.seed)
   model = models.MLP((64, cfg.hidden, cfg.hidden, 5), rngs=nnx.Rngs(cfg.seed))
   apply, init = models.functional(model)
+  features, _ = models.functional(model, "features")
   init = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), init)
-
-  def features(p, x):
-    h = jax.nn.relu(x @ p["layers"][0]["kernel"] + p["layers"][0]["bias"])
-    return jax.nn.relu(h @ p["layers"][1]["kernel"] + p["layers"][1]["bias"])
-
-  def logits(p, x):
-    return features(p, x) @ p["head"]["kernel"] + p["head"]["bias"]
-
-  def xent(p, batch):
-    x, y = batch
-    return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y).mean()
-
   f64 = lambda a: jnp.asarray(a, jnp.float64)
   xp, yp = f64(primary.x_train), jnp.asarray(primary.y_train)
   xh = f64(harmful.x_train)
-  acc = lambda p: float(models.accuracy(logits(p, f64(primary.x_test)),
+  acc = lambda p: float(models.accuracy(apply(p, f64(primary.x_test)),
                                         primary.y_test))
+  task_loss = lambda p, b: models.cross_entropy(apply(p, b[0]), b[1])
 
-  opt = optax.adam(3e-3)
-
-  @jax.jit
-  def pretrain(state, t, xp, yp):
-    idx = data.batch_indices(state["key"], xp.shape[0], cfg.batch_size, t)
-    loss, g = jax.value_and_grad(xent)(state["params"], (xp[idx], yp[idx]))
-    u, s = opt.update(g, state["opt"], state["params"])
-    return ({**state, "params": optax.apply_updates(state["params"], u),
-             "opt": s}, {"loss": loss})
-
-  state = {"params": init, "opt": opt.init(init),
-           "key": jax.random.PRNGKey(cfg.seed + 1)}
-  state = run.loop("pretrain", state,
-                   lambda s, t: pretrain(s, jnp.asarray(t), xp, yp),
-                   cfg.pretrain_steps, desc="pre-training theta_0")
-  theta0 = state["params"]
+  theta0 = _pretrain.classifier(run, apply, init, primary,
+                                steps=cfg.pretrain_steps, lr=3e-3,
+                                batch_size=cfg.batch_size, seed=cfg.seed + 1,
+                                dtype=jnp.float64, desc="pre-training theta_0")
   # The last feature block and the head move; the first block is frozen.
   trainable = masks.mask_from_patterns(theta0, ("^layers/1/", "^head/"))
-  inner = masked_optimizer(optax.sgd(cfg.learning_rate, momentum=0.9),
-                           trainable)
+  data_key = jax.random.PRNGKey(cfg.seed + 2)
+  sample = lambda d, t: (
+      data.minibatch(data_key, d[0], cfg.batch_size, t),
+      data.minibatch(jax.random.fold_in(data_key, 1), d[1], cfg.batch_size, t))
 
   key = jax.random.PRNGKey(cfg.seed + 7)
-  results = {"identity": {"rir_theta0": 1.0, "dp_accuracy": acc(theta0),
-                          "kappa_ratio_harmful": 1.0,
-                          "kappa_ratio_pretrain": 1.0}}
+  one = {"pinv": 1.0, "official": 1.0}
+  results = {"identity": {"rir_theta0": one, "dp_accuracy": acc(theta0),
+                          "kappa_ratio_harmful": one,
+                          "kappa_ratio_pretrain": one}}
   immunized = {}
   for method in cfg.methods:
-    @jax.jit
-    def step(state, t, xp, yp, xh, method=method):
-      idx = data.batch_indices(state["key"], xp.shape[0], cfg.batch_size, t)
-      ih = data.batch_indices(jax.random.fold_in(state["key"], 1), xh.shape[0],
-                              cfg.batch_size, t)
-      g, m = cond.deep_objective_grads(
-          state["params"], features, xent, (xp[idx], yp[idx]), xh[ih],
-          method=method, lambda_p=cfg.lambda_p, lambda_h=cfg.lambda_h)
-      u, s = inner.update(g, state["opt"], state["params"])
-      return ({**state, "params": optax.apply_updates(state["params"], u),
-               "opt": s}, m)
-
-    st = {"params": theta0, "opt": inner.init(theta0),
-          "key": jax.random.PRNGKey(cfg.seed + 2)}
-    st = run.loop(method, st, lambda s, t: step(s, jnp.asarray(t), xp, yp, xh),
-                  cfg.immunize_steps, desc=f"immunizing ({method})")
-    p = st["params"]
-    immunized[method] = p
-    rir = {}
-    for est in ("pinv", "official"):
-      rir[est] = cond.rir_over_groups(
-          lambda x: features(p, x), lambda x: features(theta0, x), xp, xh,
-          key=key, num_groups=cfg.num_groups, group_size=cfg.group_size,
-          estimator=est)
-    results[method] = {"rir_theta0": rir["pinv"]["rir"],
-                       "rir_theta0_std": rir["pinv"]["rir_std"],
-                       "kappa_ratio_harmful": rir["pinv"]["kappa_ratio_harmful"],
-                       "kappa_ratio_pretrain": rir["pinv"]["kappa_ratio_pretrain"],
-                       "rir_theta0_official": rir["official"]["rir"],
-                       "dp_accuracy": acc(p),
-                       "estimator": "pinv (rank-aware); *_official: the code's"}
-    run.print(f"  {method:11s} RIR_theta0 {results[method]['rir_theta0']:.4g} "
-              f"(official {results[method]['rir_theta0_official']:.4g}) D_P acc "
-              f"{results[method]['dp_accuracy']:.4f} (theta_0 "
+    imm = cond_num.deep.by_name(
+        method, features_fn=features, task_loss=task_loss,
+        lambda_p=cfg.lambda_p, lambda_h=cfg.lambda_h,
+        optimizer=optax.sgd(cfg.learning_rate, momentum=0.9),
+        trainable=trainable, normalize=cfg.normalize,
+        estimator=spectral.estimator(cfg.estimator))
+    st = run.fit(method, imm, imm.init(theta0, data_key), sample,
+                 ((xp, yp), xh), cfg.immunize_steps,
+                 desc=f"immunizing ({method})")
+    p = immunized[method] = imm.params(st)
+    rir = cond_num.rir_over_groups(
+        lambda x: features(p, x), lambda x: features(theta0, x), xp, xh,
+        key=key, num_groups=cfg.num_groups, group_size=cfg.group_size)
+    results[method] = {"rir_theta0": rir["rir"],
+                       "rir_theta0_std": rir["rir_std"],
+                       "kappa_ratio_harmful": rir["kappa_ratio_harmful"],
+                       "kappa_ratio_pretrain": rir["kappa_ratio_pretrain"],
+                       "dp_accuracy": acc(p), "trained_with": cfg.estimator,
+                       "normalized": cfg.normalize}
+    r = results[method]
+    run.print(f"  {method:11s} RIR_theta0 {r['rir_theta0']['pinv']:.4g} "
+              f"(official {r['rir_theta0']['official']:.4g}) D_P acc "
+              f"{r['dp_accuracy']:.4f} (theta_0 "
               f"{results['identity']['dp_accuracy']:.4f})")
 
   # Linear probing on frozen features of D_H (Fig. 3 analogue).
   xht, yht = f64(harmful.x_test), jnp.asarray(harmful.y_test)
-  probe_params = lambda p: {"body": {"layers": p["layers"]},
+  probe_params = lambda p: {"body": p,
                             "head": {"kernel": jnp.zeros((cfg.hidden, 5)),
                                      "bias": jnp.zeros(5)}}
   probe_logits = lambda q, x: features(q["body"], x) @ q["head"]["kernel"] + \
       q["head"]["bias"]
   target = attacks.Target(
-      loss_fn=lambda q, b: optax.softmax_cross_entropy_with_integer_labels(
-          probe_logits(q, b[0]), b[1]).mean(),
+      loss_fn=lambda q, b: models.cross_entropy(probe_logits(q, b[0]), b[1]),
       metric_fn=lambda q: models.accuracy(probe_logits(q, xht), yht),
-      train_data=(xh, jnp.asarray(harmful.y_train)), head=("head",))
+      train_data=(xh, jnp.asarray(harmful.y_train)), head=("^head/",))
   grid = attacks.grid(optimizers=("sgd", "momentum", "adam"),
                       learning_rates=cfg.probe_lrs, batch_sizes=(64,),
                       modes=("head",), steps=(cfg.probe_steps,))
-  starts = {"theta0": probe_params(theta0),
+  starts = {"identity": probe_params(theta0),
             **{m: probe_params(p) for m, p in immunized.items()}}
   curves = attacks.run_attacks(grid, starts, target,
                                eval_every=cfg.probe_steps // 10)
@@ -163,20 +136,21 @@ def run(cfg: Config, run: _runner.Run) -> dict:
   (run.out / "probe_curves.json").write_text(json.dumps(_plots.curves_json(curves)))
   _plots.attack_curves(run, curves, "probe_curves", ylabel="D_H test accuracy",
                        title="linear probing on frozen features (D_H)")
-  early = int(curves.steps["theta0"][2])
+  early = int(curves.steps["identity"][2])
   for name in starts:
     m = curves.metric[name]
-    results.setdefault("identity" if name == "theta0" else name, {}).update(
+    results[name].update(
         probe_best_accuracy_final=float(jnp.nanmax(m[:, -1])),
         probe_best_accuracy_early=float(jnp.nanmax(m[:, 2])),
         probe_mean_accuracy_early=float(jnp.nanmean(m[:, 2])))
   for m in ("identity",) + tuple(cfg.methods):
     r = results[m]
     if m != "identity":
-      run.figure(f"{m} RIR_theta0 (pinv κ)", r["rir_theta0"], PAPER.get(m),
+      run.figure(f"{m} RIR_theta0 (pinv κ)", r["rir_theta0"]["pinv"],
+                 PAPER.get(m),
                  note="paper: ResNet18 / Stanford Cars, official estimator")
-      run.figure(f"{m} RIR_theta0 (official estimator)", r["rir_theta0_official"],
-                 PAPER.get(m))
+      run.figure(f"{m} RIR_theta0 (official estimator)",
+                 r["rir_theta0"]["official"], PAPER.get(m))
     run.figure(f"{m} D_P test accuracy", r["dp_accuracy"])
     run.figure(f"{m} mean probe accuracy on D_H at step {early}",
                r["probe_mean_accuracy_early"])
@@ -186,8 +160,8 @@ def run(cfg: Config, run: _runner.Run) -> dict:
               for m in cfg.methods}}
 
 
-main = _runner.entry_point("deep_immunization", Config, run, quick=QUICK,
-                           description=__doc__.splitlines()[0])
+main = _cli.entry_point("deep_immunization", Config, experiment, quick=QUICK,
+                        description=__doc__.splitlines()[0])
 
 if __name__ == "__main__":
   raise SystemExit(main())

@@ -16,31 +16,32 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import _runner  # noqa: E402
-from immunojax import attacks, data, spectral  # noqa: E402
-from immunojax.data.house_price import load_house_price  # noqa: E402
-from immunojax.methods import condition as cond  # noqa: E402
+from experiments import _cli, _runner
+from immunojax import attacks, data, spectral
+from immunojax.data.house_price import load_house_price
+from immunojax.methods import cond_num
 
 PAPER = {  # Table 1 (spec §4.1; a third-party transcription, ratios checked)
-    "ours": {"rir": 356.20, "kappa_ratio_harmful": 18.92,
+    "cond_num": {"rir": 356.20, "kappa_ratio_harmful": 18.92,
              "kappa_ratio_pretrain": 0.053},
     "opt_kappa": {"rir": 92.58, "kappa_ratio_harmful": 1.52,
                   "kappa_ratio_pretrain": 0.016},
-    "imma": {"rir": 2.00, "kappa_ratio_harmful": 7.05,
+    "probe_ascent": {"rir": 2.00, "kappa_ratio_harmful": 7.05,
              "kappa_ratio_pretrain": 3.55},
     "r_ill_only": {"rir": 1.24, "kappa_ratio_harmful": 90.02,
                    "kappa_ratio_pretrain": 72.42},
 }
-METHOD_ORDER = ("identity", "r_ill_only", "opt_kappa", "imma", "ours")
+METHOD_ORDER = ("identity", "r_ill_only", "opt_kappa", "probe_ascent",
+                "cond_num")
+Method = Literal["cond_num", "r_ill_only", "opt_kappa", "probe_ascent"]
+ESTIMATORS = (spectral.pinv(), spectral.official())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +54,16 @@ class Config:
   learning_rate: float = 0.005
   lambda_p: float = 10.0
   lambda_h: float = 10.0
-  preconditioner: str = "pinv"
-  precondition_side: str = "left"
-  methods: tuple[str, ...] = ("r_ill_only", "opt_kappa", "imma", "ours")
+  preconditioner: Literal["pinv", "ridge", "none"] = "pinv"
+  precondition_side: Literal["left", "right"] = "left"
+  methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "probe_ascent",
+                                 "cond_num")
+  estimator: Literal["pinv", "official"] = dataclasses.field(
+      default="pinv", metadata={"help": "kappa estimator inside the "
+                                "regularizers (reports show both)"})
+  normalize: bool = dataclasses.field(
+      default=True, metadata={"help": "unit-norm regularizer directions "
+                              "(ours; the paper balances them by hand)"})
   lambda_sweep: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
   linesearch_steps: int = 100
 
@@ -74,45 +82,37 @@ def unavailable_reason(data_dir) -> str | None:
 def train(cfg: Config, run: _runner.Run, arrays, method: str, lam_p: float,
           lam_h: float, *, name: str, checkpoint: bool = True):
   xp, yp, xh, yh = arrays
-  lc = cond.LinearConfig(method=method, learning_rate=cfg.learning_rate,
-                         lambda_p=lam_p, lambda_h=lam_h,
-                         preconditioner=cfg.preconditioner,
-                         precondition_side=cfg.precondition_side)
-  lin = cond.linear_data(xp, xh, yh, lc)
-  n = xp.shape[0]
-
-  @jax.jit
-  def step(state, t):
-    idx = data.batch_indices(state["key"], n, cfg.batch_size, t)
-    new, metrics = cond.linear_step(state, (xp[idx], yp[idx]), lin, lc)
-    return {**new, "key": state["key"]}, metrics
-
-  d = xp.shape[1]
-  state = {"theta": jnp.eye(d), "omega": jnp.zeros((d, 1)),
-           "key": jax.random.PRNGKey(cfg.seed)}
-  steps = cfg.epochs * data.steps_per_epoch(n, cfg.batch_size)
-  state = run.loop(name, state, lambda s, t: step(s, jnp.asarray(t)), steps,
-                   desc=name, checkpoint=checkpoint)
-  return state["theta"], state["omega"]
+  problem = cond_num.linear_problem(xp, xh, yh,
+                                    preconditioner_kind=cfg.preconditioner)
+  imm = cond_num.linear.by_name(
+      method, problem, lambda_p=lam_p, lambda_h=lam_h,
+      optimizer=optax.sgd(cfg.learning_rate), normalize=cfg.normalize,
+      precondition_side=cfg.precondition_side,
+      estimator=spectral.estimator(cfg.estimator))
+  key = jax.random.PRNGKey(cfg.seed)
+  steps = cfg.epochs * data.steps_per_epoch(xp.shape[0], cfg.batch_size)
+  state = run.fit(name, imm, imm.init(cond_num.init_params(xp.shape[1]), key),
+                  lambda d, t: data.minibatch(key, d, cfg.batch_size, t),
+                  (xp, yp), steps, desc=name, checkpoint=checkpoint)
+  params = imm.params(state)
+  return params["theta"], params["omega"]
 
 
 def evaluate(theta, omega, arrays, test, cfg):
   xp, yp, xh, yh = arrays
   xpt, ypt, xht, yht = test
-  out = {}
-  for est in ("pinv", "official"):
-    r = cond.relative_immunization_ratio(xp @ theta, xh @ theta, xp, xh,
-                                         estimator=est)
-    suffix = "" if est == "pinv" else "_official"
-    out[f"rir{suffix}"] = float(r.rir)
-    out[f"kappa_ratio_harmful{suffix}"] = float(r.kappa_ratio_harmful)
-    out[f"kappa_ratio_pretrain{suffix}"] = float(r.kappa_ratio_pretrain)
-  out["estimator"] = "pinv (rank-aware); *_official: the released code's"
+  out = {"rir": {}, "kappa_ratio_harmful": {}, "kappa_ratio_pretrain": {}}
+  for est in ESTIMATORS:
+    r = cond_num.relative_immunization_ratio(xp @ theta, xh @ theta, xp, xh,
+                                             estimator=est)
+    for key in out:
+      out[key][est.name] = float(getattr(r, key))
   out["log_kappa_h"] = float(spectral.log_condition_number(
       spectral.gram_eigenvalues(xh @ theta)))
   out["log_kappa_p"] = float(spectral.log_condition_number(
       spectral.gram_eigenvalues(xp @ theta)))
-  out["dp_test_mse"] = float(cond.regression_loss(theta, omega, xpt, ypt[:, None]))
+  out["dp_test_mse"] = float(cond_num.linear.regression_loss(
+      theta, omega, xpt, ypt[:, None]))
   # Def. 3.1(c): the best head on the immunized features (closed form).
   w = attacks.least_squares_probe(xp @ theta, yp[:, None])
   out["dp_test_mse_best_head"] = float(jnp.mean((xpt @ theta @ w - ypt[:, None]) ** 2))
@@ -131,7 +131,7 @@ def evaluate(theta, omega, arrays, test, cfg):
   return out, curves
 
 
-def run(cfg: Config, run: _runner.Run) -> dict:
+def experiment(cfg: Config, run: _runner.Run) -> dict:
   reason = unavailable_reason(cfg.data_dir)
   if reason:
     raise SystemExit(f"error: house_price {reason}")
@@ -147,36 +147,39 @@ def run(cfg: Config, run: _runner.Run) -> dict:
     theta, omega = train(cfg, run, arrays, m, cfg.lambda_p, cfg.lambda_h,
                          name=m)
     methods[m], curves[m] = evaluate(theta, omega, arrays, test, cfg)
-    run.print(f"  {m:11s} RIR {methods[m]['rir']:.4g} (i) "
-              f"{methods[m]['kappa_ratio_harmful']:.4g} (ii) "
-              f"{methods[m]['kappa_ratio_pretrain']:.4g}  official RIR "
-              f"{methods[m]['rir_official']:.4g}")
+    methods[m].update(trained_with=cfg.estimator, normalized=cfg.normalize)
+    r = methods[m]
+    run.print(f"  {m:12s} RIR {r['rir']['pinv']:.4g} (i) "
+              f"{r['kappa_ratio_harmful']['pinv']:.4g} (ii) "
+              f"{r['kappa_ratio_pretrain']['pinv']:.4g}  official RIR "
+              f"{r['rir']['official']:.4g}")
   sweep = []
   for lam in cfg.lambda_sweep:
-    theta, omega = train(cfg, run, arrays, "ours", lam, lam,
+    theta, omega = train(cfg, run, arrays, "cond_num", lam, lam,
                          name=f"sweep_{lam:g}", checkpoint=False)
     ev, _ = evaluate(theta, omega, arrays, test, cfg)
     sweep.append({"lambda": lam, **{k: ev[k] for k in (
-        "rir", "kappa_ratio_harmful", "kappa_ratio_pretrain", "rir_official",
-        "dp_test_mse", "dp_test_mse_best_head")}})
+        "rir", "kappa_ratio_harmful", "kappa_ratio_pretrain", "dp_test_mse",
+        "dp_test_mse_best_head")}})
 
   for m in METHOD_ORDER:
     if m not in methods:
       continue
     for key in ("rir", "kappa_ratio_harmful", "kappa_ratio_pretrain"):
-      run.figure(f"{m} {key}", methods[m][key], PAPER.get(m, {}).get(key),
+      run.figure(f"{m} {key}", methods[m][key]["pinv"],
+                 PAPER.get(m, {}).get(key),
                  note="pinv κ; paper used the official estimator")
-    run.figure(f"{m} rir (official estimator)", methods[m]["rir_official"],
+    run.figure(f"{m} rir (official estimator)", methods[m]["rir"]["official"],
                PAPER.get(m, {}).get("rir"))
-  ours = methods.get("ours", {})
+  ours = methods.get("cond_num", {})
   if ours:
-    run.figure("ours: D_H GD norm ratio after line search / identity's",
+    run.figure("cond_num: D_H GD norm ratio after line search / identity's",
                ours["dh_norm_ratio_final"] / methods["identity"]["dh_norm_ratio_final"],
                note="> 1: harmful probing slowed")
-    run.figure("ours: D_P GD norm ratio after line search / identity's",
+    run.figure("cond_num: D_P GD norm ratio after line search / identity's",
                ours["dp_norm_ratio_final"] / methods["identity"]["dp_norm_ratio_final"],
                note="< 1: pre-training probing sped up")
-    run.figure("ours: D_H least-squares test MSE (identity's)",
+    run.figure("cond_num: D_H least-squares test MSE (identity's)",
                ours["dh_least_squares_test_mse"],
                methods["identity"]["dh_least_squares_test_mse"],
                note="closed-form attacker: not slowed by κ")
@@ -184,9 +187,9 @@ def run(cfg: Config, run: _runner.Run) -> dict:
   fig1 = {m: {t: curves[m][t].tolist() for t in ("dp", "dh")} for m in curves}
   return {"methods": methods, "paper": PAPER, "lambda_sweep": sweep,
           "fig1_norm_ratio": fig1,
-          "success_def_3_1": {m: bool(v["kappa_ratio_harmful"] > 1 and
-                                      v["kappa_ratio_pretrain"] <= 1)
-                              for m, v in methods.items() if m != "identity"}}
+          "success_def_3_1": {m: bool(cond_num.succeeds(
+              v["kappa_ratio_harmful"]["pinv"], v["kappa_ratio_pretrain"]["pinv"]))
+              for m, v in methods.items() if m != "identity"}}
 
 
 def _plot(run, curves, cfg):
@@ -196,7 +199,7 @@ def _plot(run, curves, cfg):
     for m in METHOD_ORDER:
       if m in curves:
         ax.semilogy(np.maximum(curves[m][task], 1e-300), label=m,
-                    lw=2.5 if m == "ours" else 1.2,
+                    lw=2.5 if m == "cond_num" else 1.2,
                     ls="--" if m == "identity" else "-")
     ax.set(title=f"{title}: exact line search GD", xlabel="step",
            ylim=(1e-12, 2))
@@ -206,8 +209,8 @@ def _plot(run, curves, cfg):
   run.save_figure(fig, "fig1_linesearch")
 
 
-main = _runner.entry_point("house_price", Config, run, quick=QUICK,
-                           description=__doc__.splitlines()[0])
+main = _cli.entry_point("house_price", Config, experiment, quick=QUICK,
+                        description=__doc__.splitlines()[0])
 
 if __name__ == "__main__":
   raise SystemExit(main())

@@ -14,14 +14,12 @@ import dataclasses
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+import optax
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-from experiments import _runner  # noqa: E402
-from immunojax import data, spectral  # noqa: E402
+from experiments import _cli, _runner
+from immunojax import data, spectral
+from immunojax.immunizer import supervised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,31 +46,21 @@ def make_problem(cfg: Config):
   return x, y
 
 
-def run(cfg: Config, run: _runner.Run) -> dict:
+def experiment(cfg: Config, run: _runner.Run) -> dict:
   x, y = make_problem(cfg)
   opt = {"adam": optax.adam, "sgd": optax.sgd}[cfg.optimizer](cfg.learning_rate)
   loss = lambda w, xb, yb: spectral.mse_probe_loss(w, xb, yb) / xb.shape[0]
-
-  @jax.jit
-  def step_fn(state, step):
-    idx = data.batch_indices(state["data_key"], cfg.num_examples,
-                             cfg.batch_size, step)
-    value, grad = jax.value_and_grad(loss)(state["w"], x[idx], y[idx])
-    updates, opt_state = opt.update(grad, state["opt"], state["w"])
-    new = {**state, "w": optax.apply_updates(state["w"], updates),
-           "opt": opt_state}
-    return new, {"loss": value}
-
-  w0 = jnp.zeros((cfg.dim, 1))
-  state = {"w": w0, "opt": opt.init(w0),
-           "data_key": jax.random.PRNGKey(cfg.seed + 1)}
-  state = run.loop("fit", state, lambda s, t: step_fn(s, jnp.asarray(t)),
-                   cfg.steps, log_every=10, desc="fitting")
+  fit = supervised(lambda w, b: loss(w, *b), opt)
+  data_key = jax.random.PRNGKey(cfg.seed + 1)
+  state = run.fit("fit", fit, fit.init(jnp.zeros((cfg.dim, 1)), data_key),
+                  lambda d, t: data.minibatch(data_key, d, cfg.batch_size, t),
+                  (x, y), cfg.steps, log_every=10, desc="fitting")
+  w = fit.params(state)
   w_star = jnp.linalg.lstsq(x, y)[0]
-  final = float(loss(state["w"], x, y))
+  final = float(loss(w, x, y))
   optimum = float(loss(w_star, x, y))
-  rel_dist = float(jnp.linalg.norm(state["w"] - w_star) / jnp.linalg.norm(w_star))
-  h = spectral.hessian_matrix(loss, state["w"], x, y)
+  rel_dist = float(jnp.linalg.norm(w - w_star) / jnp.linalg.norm(w_star))
+  h = spectral.hessian_matrix(loss, w, x, y)
   kappa_dense = float(spectral.condition_number(h))
   kappa_closed = float(spectral.condition_number(spectral.gram(x)))
   run.figure("final loss", final, optimum, note="reference: exact least squares")
@@ -92,10 +80,10 @@ def run(cfg: Config, run: _runner.Run) -> dict:
   run.save_figure(fig, "loss")
   return {"final_loss": final, "optimum_loss": optimum,
           "relative_distance": rel_dist, "kappa_dense": kappa_dense,
-          "kappa_closed_form": kappa_closed, "final_w": state["w"].ravel()}
+          "kappa_closed_form": kappa_closed, "final_w": w.ravel()}
 
 
-main = _runner.entry_point("quadratic", Config, run, quick=QUICK,
+main = _cli.entry_point("quadratic", Config, experiment, quick=QUICK,
                            description=__doc__.splitlines()[0])
 
 if __name__ == "__main__":

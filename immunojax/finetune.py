@@ -20,24 +20,17 @@ PyTree = Any
 
 
 class FinetuneResult(NamedTuple):
-  """Final parameters, optimizer state, and per-step metrics (leading K)."""
+  """Final parameters and optimizer state, per-step metrics (leading ``K``)
+  and, with an ``eval_fn``, its values at steps ``0, N, 2N, ..., K``
+  (leading ``K / N + 1``; None without one)."""
   params: PyTree
   opt_state: PyTree
   metrics: dict
+  evals: PyTree = None
 
 
-def masked_optimizer(optimizer: optax.GradientTransformation,
-                     mask: PyTree | None) -> optax.GradientTransformation:
-  """Applies ``optimizer`` where ``mask`` is True; frozen leaves get a zero
-  update and no optimizer state (exact freezing, weight decay included)."""
-  if mask is None:
-    return optimizer
-  labels = jax.tree_util.tree_map(lambda m: "train" if m else "freeze", mask)
-  return optax.multi_transform({"train": optimizer,
-                                "freeze": optax.set_to_zero()}, labels)
-
-
-def _num_steps(batches) -> int:
+def num_steps(batches) -> int:
+  """The leading (step) axis shared by every array of ``batches``."""
   leaves = jax.tree_util.tree_leaves(batches)
   if not leaves:
     raise ValueError("batches is empty: pass a pytree of arrays stacked along "
@@ -56,6 +49,9 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
              optimizer: optax.GradientTransformation, batches: PyTree, *,
              trainable=None, first_order: bool = False, remat: bool = False,
              opt_state: PyTree | None = None,
+             eval_fn: Callable[[PyTree], PyTree] | None = None,
+             eval_every: int | None = None,
+             axis_name: str | None = None,
              check_finite: bool = True) -> FinetuneResult:
   """Runs ``K`` optimizer steps, one per batch, inside one ``lax.scan``.
 
@@ -74,9 +70,18 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
     remat: ``False``; ``True`` or ``"step"``: ``jax.checkpoint`` on the scan
       body (no activations kept, but each step's input carry, i.e. params
       and optimizer state, still is: memory grows with ``K``);
-      ``"nested"``: checkpointed chunks of ``~sqrt(K)`` steps, about
-      ``2 sqrt(K)`` saved carries for one extra forward pass.
+      ``"nested"``: checkpointed chunks of ``~sqrt(K)`` steps (of
+      ``eval_every`` steps when evaluating), about ``2 sqrt(K)`` saved
+      carries for one extra forward pass.
     opt_state: continue from this optimizer state instead of ``init``.
+    eval_fn: ``eval_fn(params) -> pytree`` (e.g. held-out accuracy), run
+      inside the scan before the first step and after every ``eval_every``
+      steps; the values are ``FinetuneResult.evals``.
+    eval_every: steps between evaluations; must divide ``K``. Required with
+      ``eval_fn``.
+    axis_name: average gradients (and the logged loss) over this named axis
+      (``lax.pmean``), e.g. the batch-sharding axis of a ``shard_map`` or a
+      ``vmap(..., axis_name=...)``; None: no collective.
     check_finite: when called eagerly, raise if any step's loss is NaN/Inf.
 
   Returns:
@@ -85,9 +90,19 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
   Differentiable in ``params`` (and any traced hyper-parameter), second order
   through the optimizer state unless ``first_order``.
   """
-  _num_steps(batches)
+  k = num_steps(batches)
+  if remat not in (False, True, "step", "nested"):
+    raise ValueError(f"unknown remat {remat!r}; expected False, True, 'step' "
+                     "or 'nested'")
+  if (eval_fn is None) != (eval_every is None):
+    raise ValueError("eval_fn and eval_every go together: pass both or neither")
+  if eval_every is not None:
+    eval_every = _checks.check_positive_int(eval_every, "eval_every")
+    if k % eval_every:
+      raise ValueError(f"eval_every={eval_every} does not divide the {k} "
+                       "fine-tuning steps")
   mask = masks.resolve(trainable, params)
-  opt = masked_optimizer(optimizer, mask)
+  opt = masks.only(optimizer, mask)
   state0 = opt.init(params) if opt_state is None else opt_state
 
   def step(carry, batch):
@@ -95,19 +110,22 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
     out, g = jax.value_and_grad(loss_fn, has_aux=_has_aux(loss_fn, p, batch))(
         p, batch)
     loss, aux = out if isinstance(out, tuple) else (out, {})
+    if axis_name is not None:
+      g, loss, aux = jax.lax.pmean((g, loss, aux), axis_name)
     if first_order:
       g = jax.lax.stop_gradient(g)
     updates, s = opt.update(g, s, p)
     return (optax.apply_updates(p, updates), s), {"loss": loss, **aux}
 
-  if remat not in (False, True, "step", "nested"):
-    raise ValueError(f"unknown remat {remat!r}; expected False, True, 'step' "
-                     "or 'nested'")
   if remat:
     step = jax.checkpoint(step)
-  if remat == "nested":
-    (p, s), metrics = _nested_scan(step, (params, state0), batches,
-                                   _num_steps(batches))
+  evals = None
+  if eval_fn is not None:
+    (p, s), metrics, evals = _evaluating_scan(step, (params, state0), batches,
+                                              k, eval_every, eval_fn,
+                                              remat == "nested")
+  elif remat == "nested":
+    (p, s), metrics = _nested_scan(step, (params, state0), batches, k)
   else:
     (p, s), metrics = jax.lax.scan(step, (params, state0), batches)
   if check_finite and _checks.is_concrete(metrics["loss"]):
@@ -118,7 +136,34 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
           f"fine-tuning loss became non-finite at step {int(bad[0])} "
           f"(value {losses[bad[0]]}); lower the learning rate or check the "
           "data")
-  return FinetuneResult(p, s, metrics)
+  return FinetuneResult(p, s, metrics, evals)
+
+
+def _chunked(xs, num_chunks: int, size: int):
+  return jax.tree_util.tree_map(
+      lambda a: a[:num_chunks * size].reshape((num_chunks, size) + a.shape[1:]),
+      xs)
+
+
+def _unchunked(tree):
+  return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
+
+
+def _evaluating_scan(step, carry, xs, length: int, every: int, eval_fn,
+                     checkpoint_chunks: bool):
+  """An outer scan over chunks of ``every`` steps, evaluating after each."""
+  def chunk(carry, x):
+    carry, m = jax.lax.scan(step, carry, x)
+    return carry, (m, eval_fn(carry[0]))
+
+  if checkpoint_chunks:
+    chunk = jax.checkpoint(chunk)
+  first = eval_fn(carry[0])
+  carry, (m, evals) = jax.lax.scan(chunk, carry,
+                                   _chunked(xs, length // every, every))
+  evals = jax.tree_util.tree_map(
+      lambda a, b: jnp.concatenate([a[None], b]), first, evals)
+  return carry, _unchunked(m), evals
 
 
 def _nested_scan(step, carry, xs, length: int):
@@ -131,11 +176,9 @@ def _nested_scan(step, carry, xs, length: int):
   """
   chunk = max(1, math.isqrt(length - 1) + 1)
   full = length // chunk
-  head = jax.tree_util.tree_map(
-      lambda a: a[:full * chunk].reshape((full, chunk) + a.shape[1:]), xs)
   body = jax.checkpoint(lambda c, x: jax.lax.scan(step, c, x))
-  carry, m = jax.lax.scan(body, carry, head)
-  m = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), m)
+  carry, m = jax.lax.scan(body, carry, _chunked(xs, full, chunk))
+  m = _unchunked(m)
   if full * chunk < length:
     tail = jax.tree_util.tree_map(lambda a: a[full * chunk:], xs)
     carry, mt = jax.lax.scan(step, carry, tail)

@@ -1,4 +1,8 @@
-"""Boolean pytree masks: which parameters move during fine-tuning."""
+"""Boolean pytree masks: which parameters move during fine-tuning.
+
+Our masks say True for *trainable*; :func:`only` turns one into optax's
+``selective_transform`` (whose mask says True for *frozen*).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import re
 from typing import Any, Iterable
 
 import jax
+import optax
 
 PyTree = Any
 
@@ -63,3 +68,14 @@ def resolve(trainable, params: PyTree) -> PyTree | None:
     return mask_from_patterns(params, trainable)
   check_mask(trainable, params)
   return trainable
+
+
+def only(optimizer: optax.GradientTransformation,
+         trainable: PyTree | None) -> optax.GradientTransformation:
+  """``optimizer`` on the leaves where ``trainable`` is True; the others get
+  a zero update and no optimizer state (exact freezing, weight decay
+  included). ``None`` trains everything."""
+  if trainable is None:
+    return optimizer
+  frozen = jax.tree_util.tree_map(lambda m: not m, trainable)
+  return optax.selective_transform(optimizer, freeze_mask=frozen)

@@ -11,20 +11,23 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 
-def functional(module: nnx.Module) -> tuple[Callable, dict]:
-  """``(apply, params)``: ``apply(params, *args)`` calls the module with
-  ``params`` (a pure dict of its ``nnx.Param`` values); other state (e.g.
-  batch statistics) is frozen at its current value."""
+def functional(module: nnx.Module, method: str = "__call__"
+               ) -> tuple[Callable, dict]:
+  """``(apply, params)``: ``apply(params, *args)`` calls ``module.method``
+  (default the module itself) with ``params`` (a pure dict of its
+  ``nnx.Param`` values); other state (e.g. batch statistics) is frozen at its
+  current value."""
   graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)
   params = nnx.to_pure_dict(param_state)
 
   def apply(p, *args, **kwargs):
     state = jax.tree_util.tree_map(lambda a: a, param_state)  # fresh copy
     nnx.replace_by_pure_dict(state, p)
-    return nnx.merge(graphdef, state, rest)(*args, **kwargs)
+    return getattr(nnx.merge(graphdef, state, rest), method)(*args, **kwargs)
 
   return apply, params
 
@@ -48,6 +51,16 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     return self.head(self.features(x))
+
+
+def mlp_size(sizes: Sequence[int]) -> int:
+  """Number of parameters of ``MLP(sizes)`` (kernels and biases)."""
+  return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:

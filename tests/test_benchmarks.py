@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.parametrize("name,keys", [
-    ("cond_num", ["ours_seconds_with_compile", "ours_steps_per_second"]),
+    ("cond_num", ["cond_num_seconds_with_compile",
+                  "cond_num_steps_per_second"]),
     ("bilevel", ["second_order_overhead", "remat_memory_ratio"]),
     ("spectrum", ["lanczos_overhead_vs_hvp", "closed_form_speedup_vs_hessian",
                   "lanczos_speedup_vs_eigsh_at_largest"]),

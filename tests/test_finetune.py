@@ -7,8 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from immunojax import attacks, lora, models
+from immunojax import attacks, lora, models, modes
 from immunojax.finetune import finetune
+from immunojax.immunizer import descend, supervised
 
 
 def quad_loss(w, batch):
@@ -203,7 +204,15 @@ def test_grid_runs_vmapped_and_summarizes():
   s = attacks.summarize(curves, threshold=0.8)
   assert s["scratch"]["within_budget"]["40"]["metric"] >= \
       s["protected"]["within_budget"]["40"]["metric"]
-  assert s["scratch"]["finetune_overhead_vs_scratch"] == 1.0
+  # Steps to threshold are read off the curves: the first evaluation step
+  # at which any attack reaches 0.8, and the overhead is their ratio.
+  first = lambda m: min((int(curves.steps["scratch"][np.argmax(r >= 0.8)])
+                         for r in m if (r >= 0.8).any()), default=None)
+  assert s["scratch"]["steps_to_threshold"] == first(curves.metric["scratch"])
+  assert s["protected"]["steps_to_threshold"] == first(curves.metric["protected"])
+  if s["protected"]["steps_to_threshold"] is not None:
+    assert s["protected"]["finetune_overhead_vs_scratch"] == pytest.approx(
+        s["protected"]["steps_to_threshold"] / s["scratch"]["steps_to_threshold"])
   # vmapped group equals a single attack run alone.
   alone = attacks.run_attacks([grid[5]], {"p": bad}, target, eval_every=10)
   np.testing.assert_allclose(alone.metric["p"][0], curves.metric["protected"][5],
@@ -247,3 +256,122 @@ def test_functional_mlp_matches_module():
   assert set(params) == {"layers", "head"}
   g = jax.grad(lambda p: apply(p, x).sum())(params)
   assert g["head"]["kernel"].shape == (8, 3)
+
+
+# ------------------------------------------------- evaluation, axis_name
+def test_eval_inside_the_scan_equals_chunked_runs():
+  batches = data(k=12)
+  w0 = jnp.ones(3)
+  held = (batches[0][0], batches[1][0])
+  ev = lambda w: {"held": quad_loss(w, held), "norm": jnp.sum(w ** 2)}
+  for remat in (False, "step", "nested"):
+    res = finetune(w0, quad_loss, optax.adam(0.05), batches, eval_fn=ev,
+                   eval_every=4, remat=remat)
+    w, s, expected = w0, None, [ev(w0)]
+    for c in range(3):
+      chunk = jax.tree_util.tree_map(lambda a: a[4 * c:4 * c + 4], batches)
+      r = finetune(w, quad_loss, optax.adam(0.05), chunk, opt_state=s)
+      w, s = r.params, r.opt_state
+      expected.append(ev(w))
+    np.testing.assert_allclose(res.evals["held"],
+                               [e["held"] for e in expected], rtol=1e-12)
+    np.testing.assert_allclose(res.params, w, rtol=1e-12)
+    assert res.metrics["loss"].shape == (12,)
+  with pytest.raises(ValueError, match="does not divide"):
+    finetune(w0, quad_loss, optax.sgd(0.1), batches, eval_fn=ev, eval_every=5)
+  with pytest.raises(ValueError, match="go together"):
+    finetune(w0, quad_loss, optax.sgd(0.1), batches, eval_fn=ev)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_axis_name_averages_gradients_over_shards(seed):
+  # 4 shards of a batch under vmap(axis_name) == the whole batch at once.
+  x, y = data(k=5, b=16, seed=seed)
+  whole = finetune(jnp.ones(3), quad_loss, optax.adam(0.05), (x, y))
+  shards = (x.reshape(5, 4, 4, 3).transpose(1, 0, 2, 3),
+            y.reshape(5, 4, 4).transpose(1, 0, 2))
+  sharded = jax.vmap(lambda b: finetune(jnp.ones(3), quad_loss,
+                                        optax.adam(0.05), b, axis_name="d",
+                                        check_finite=False),
+                     axis_name="d")(shards)
+  for i in range(4):
+    np.testing.assert_allclose(sharded.params[i], whole.params, rtol=1e-10)
+  np.testing.assert_allclose(sharded.metrics["loss"][0], whole.metrics["loss"],
+                             rtol=1e-10)
+
+
+# ----------------------------------------------------------- attacker modes
+def _two_layer():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  return {"body": {"kernel": jax.random.normal(k1, (3, 4))},
+          "head": {"kernel": jax.random.normal(k2, (4, 1))[:, 0]}}
+
+
+def _model_loss(p, batch):
+  x, y = batch
+  return 0.5 * jnp.mean((jnp.tanh(x @ p["body"]["kernel"]) @ p["head"]["kernel"]
+                         - y) ** 2)
+
+
+@pytest.mark.parametrize("name", ["full", "head", "reinit_head", "lora",
+                                  "masked"])
+def test_attacker_modes_move_what_they_say(name):
+  params = _two_layer()
+  mode = modes.from_name(name, head_patterns="^head/", trainable="^body/",
+                         lora_config=lora.LoraConfig(
+                             r=2, lora_alpha=2.0, target_modules=("body",)))
+  res = modes.adapt(mode, params, _model_loss, optax.adam(0.05), data(k=20),
+                    key=jax.random.PRNGKey(1), eval_fn=lambda p: _model_loss(
+                        p, (data()[0][0], data()[1][0])), eval_every=10)
+  moved = {k: not np.allclose(res.params[k]["kernel"], params[k]["kernel"])
+           for k in params}
+  assert moved == {"full": {"body": True, "head": True},
+                   "head": {"body": False, "head": True},
+                   "reinit_head": {"body": True, "head": True},
+                   "lora": {"body": True, "head": False},
+                   "masked": {"body": True, "head": False}}[name]
+  assert res.evals.shape == (3,)
+  a = mode.prepare(params, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(res.evals[0], _model_loss(
+      a.to_model(a.trainable), (data()[0][0], data()[1][0])), rtol=1e-12)
+  if name == "reinit_head":      # a fresh head: normal / sqrt(fan-in)
+    assert not np.allclose(a.trainable["head"]["kernel"],
+                           params["head"]["kernel"])
+  with pytest.raises(ValueError, match="unknown mode"):
+    modes.from_name("half")
+
+
+# ------------------------------------------------------- the contract
+def test_supervised_immunizer_equals_hand_written_optax_steps():
+  batches = data(k=8)
+  opt = optax.adam(0.05)
+  imm = supervised(quad_loss, opt)
+  state = imm.init(jnp.ones(3), jax.random.PRNGKey(0))
+  step = jax.jit(imm.update)
+  w, s = jnp.ones(3), opt.init(jnp.ones(3))
+  for t in range(8):
+    b = (batches[0][t], batches[1][t])
+    state, m = step(state, b, jax.random.PRNGKey(t))
+    value, g = jax.value_and_grad(quad_loss)(w, b)
+    u, s = opt.update(g, s, w)
+    w = optax.apply_updates(w, u)
+    np.testing.assert_allclose(m["loss"], value, rtol=1e-12)
+  np.testing.assert_allclose(imm.params(state), w, rtol=1e-12)
+
+
+def test_descend_freezes_and_averages_over_an_axis():
+  params = {"body": jnp.ones(3), "head": jnp.ones(3)}
+  direction = lambda p, b, k: (jax.tree_util.tree_map(lambda a: a * b, p),
+                               {"b": b})
+  imm = descend(direction, optax.adamw(0.1, weight_decay=0.5),
+                trainable="head")
+  state = imm.init(params, None)
+  for _ in range(3):
+    state, _ = imm.update(state, 2.0, None)
+  np.testing.assert_array_equal(imm.params(state)["body"], params["body"])
+  assert not np.allclose(imm.params(state)["head"], params["head"])
+  avg = descend(direction, optax.sgd(1.0), axis_name="i")
+  out, m = jax.vmap(lambda b: avg.update(avg.init(params, None), b, None),
+                    axis_name="i")(jnp.array([1.0, 3.0]))
+  np.testing.assert_allclose(out.params["head"], [[-1.0] * 3] * 2)  # 1 - 2
+  np.testing.assert_allclose(m["b"], [2.0, 2.0])

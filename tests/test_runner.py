@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from experiments import _config, quadratic, report
-from experiments._runner import KILL_ENV, parse
+from experiments._cli import parse
+from experiments._runner import KILL_ENV
 from tests.conftest import ROOT, run_module
 
 

@@ -284,3 +284,39 @@ def test_bad_input_raises_named_error(case):
   fn, message = BAD[case]
   with pytest.raises(ValueError, match=message):
     fn()
+
+
+def test_estimator_is_a_configured_hashable_value():
+  rng = np.random.default_rng(5)
+  f = jnp.asarray(rng.normal(size=(6, 9)))            # rank 6 of 9
+  pinv, official = spectral.pinv(), spectral.official()
+  assert spectral.estimator("pinv") == pinv and hash(pinv) == hash(spectral.pinv())
+  w = np.linalg.eigvalsh(np.asarray(f @ f.T))
+  e = pinv.of_features(f)                             # the 6 x 6 Gram
+  np.testing.assert_allclose([e.sigma_min, e.sigma_max], [w[0], w[-1]], rtol=1e-10)
+  assert int(e.rank) == 6
+  # official sees the 9 x 9 Gram, shift and all: three null eigenvalues pass.
+  o = official.of_features(f)
+  assert float(o.sigma_max / o.sigma_min) > 1e5 * float(e.sigma_max / e.sigma_min)
+  # A value is a static jit argument, and a tighter rtol keeps more rank.
+  kappa = jax.jit(lambda x, est: spectral.condition_number(x, estimator=est),
+                  static_argnums=1)
+  np.testing.assert_allclose(kappa(f.T @ f, pinv), w[-1] / w[0], rtol=1e-8)
+  assert int(spectral.pinv(rtol=0.0)(f.T @ f).rank) > 6
+  with pytest.raises(ValueError, match="unknown estimator"):
+    spectral.Estimator("svd")
+
+
+def test_one_rank_rule_everywhere():
+  from immunojax.attacks import least_squares_probe
+  from immunojax.methods.cond_num import preconditioner
+  rng = np.random.default_rng(6)
+  f = rng.normal(size=(30, 8)) @ np.diag([1, 1, 1, 1, 1, 1, 1e-9, 0.0])
+  s = jnp.asarray(f.T @ f)
+  keep = np.asarray(spectral.nonzero(jnp.linalg.eigvalsh(s)))
+  assert keep.sum() == int(spectral.numerical_rank(s)) == 6
+  p = preconditioner(s)                                       # rank-6 pinv
+  assert np.linalg.matrix_rank(np.asarray(p), tol=1e-8) == 6
+  w = least_squares_probe(jnp.asarray(f), jnp.ones((30, 1)))
+  assert abs(float(w[6, 0])) < 1e-6                           # cut direction
+  assert spectral.rank_rtol(8, np.float64) == 8 * np.finfo(np.float64).eps

@@ -40,3 +40,10 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 def take(tree, indices):
   """Gathers rows ``indices`` from every array of a pytree of datasets."""
   return jax.tree_util.tree_map(lambda a: jnp.take(a, indices, axis=0), tree)
+
+
+def minibatch(key: jax.Array, arrays, batch_size: int, step):
+  """Rows :func:`batch_indices` picks at ``step``, from every array of the
+  pytree ``arrays`` (leading example axis shared)."""
+  n = jax.tree_util.tree_leaves(arrays)[0].shape[0]
+  return take(arrays, batch_indices(key, n, batch_size, step))

@@ -1,8 +1,8 @@
-"""Matrix-free extreme eigenvalues and spectral densities.
+"""Symmetric Lanczos: matrix-free extreme eigenvalues and Ritz pairs.
 
-Every routine takes ``matvec: (D,) -> (D,)`` (e.g. :func:`hvp`) and a static
-dimension, runs inside ``jit`` (loops are ``lax.fori_loop`` /
-``lax.while_loop``), and is ``vmap``-able over keys.
+Takes ``matvec: (D,) -> (D,)`` (e.g. :func:`hvp`) and a static dimension,
+runs inside ``jit`` (``lax.fori_loop``), and is ``vmap``-able over keys. Power
+iteration, SLQ and Hutchinson live in modules of their own.
 """
 
 from __future__ import annotations
@@ -182,113 +182,3 @@ def extreme_eigenvalues(matvec: Matvec, dim: int, num_steps: int, *,
   res = lanczos(matvec, dim, num_steps, key=key,
                 reorthogonalize=reorthogonalize)
   return res.ritz_values[0], res.ritz_values[-1]
-
-
-class PowerIterationResult(NamedTuple):
-  """Output of :func:`power_iteration`.
-
-  Attributes:
-    eigenvalue: Rayleigh quotient of the final vector (the dominant
-      eigenvalue, i.e. the one of largest magnitude).
-    eigenvector: ``(D,)`` unit vector.
-    num_steps: matvecs used.
-    converged: whether the relative change fell below ``tol``.
-  """
-  eigenvalue: jax.Array
-  eigenvector: jax.Array
-  num_steps: jax.Array
-  converged: jax.Array
-
-
-def power_iteration(matvec: Matvec, dim: int, *, key: jax.Array,
-                    max_steps: int = 1000, tol: float = 1e-10,
-                    dtype=None) -> PowerIterationResult:
-  """Dominant eigenpair by power iteration with a relative-change stop.
-
-  Stops when ``|lambda_t - lambda_{t-1}| <= tol |lambda_t|`` or after
-  ``max_steps`` matvecs. Convergence is geometric with ratio
-  ``|lambda_2 / lambda_1|``, so it can be slow where Lanczos is not.
-  Uses ``lax.while_loop``: forward-mode only.
-  """
-  dim = _checks.check_positive_int(dim, "dim")
-  max_steps = _checks.check_positive_int(max_steps, "max_steps")
-  v, _ = _unit(jax.random.normal(key, (dim,), dtype or jnp.zeros(()).dtype))
-  w = matvec(v)
-  lam = jnp.vdot(v, w)
-
-  def cond(c):
-    _, _, _, step, done = c
-    return (step < max_steps) & ~done
-
-  def body(c):
-    _, w, lam, step, _ = c
-    v, _ = _unit(w)
-    w = matvec(v)
-    new = jnp.vdot(v, w)
-    done = jnp.abs(new - lam) <= tol * jnp.abs(new)
-    return v, w, new, step + 1, done
-
-  v, _, lam, step, done = jax.lax.while_loop(
-      cond, body, (v, w, lam, jnp.asarray(1), jnp.asarray(False)))
-  return PowerIterationResult(lam, v, step, done)
-
-
-class SpectralQuadrature(NamedTuple):
-  """Gauss quadrature of the spectral measure, one row per probe.
-
-  ``nodes[p]`` are Ritz values and ``weights[p]`` the squared first components
-  of T's eigenvectors; each row of weights sums to 1.
-  """
-  nodes: jax.Array
-  weights: jax.Array
-  dim: int
-
-
-def stochastic_lanczos_quadrature(matvec: Matvec, dim: int, num_steps: int, *,
-                                  key: jax.Array, num_probes: int = 10,
-                                  reorthogonalize: bool = True,
-                                  dtype=None) -> SpectralQuadrature:
-  """Stochastic Lanczos quadrature with Rademacher probes.
-
-  Returns nodes and weights of ``num_probes`` independent Gauss quadratures;
-  feed them to :func:`quadrature_trace` (``tr f(A)``, e.g. the Hutchinson
-  trace for ``f = id``) or :func:`spectral_density`.
-  """
-  dim, num_steps = _check_sizes(dim, num_steps)
-  num_probes = _checks.check_positive_int(num_probes, "num_probes")
-  dtype = dtype or jnp.zeros(()).dtype
-  keys = jax.random.split(key, num_probes)
-
-  def one(k):
-    z = jax.random.rademacher(jax.random.fold_in(k, 0), (dim,), dtype)
-    r = lanczos(matvec, dim, num_steps, key=k, initial_vector=z,
-                reorthogonalize=reorthogonalize)
-    return r.ritz_values, r.first_components ** 2
-
-  nodes, weights = jax.vmap(one)(keys)
-  return SpectralQuadrature(nodes, weights, dim)
-
-
-def quadrature_trace(quadrature: SpectralQuadrature,
-                     fn: Callable[[jax.Array], jax.Array] = lambda x: x
-                     ) -> jax.Array:
-  """Estimate ``tr f(A) = dim * E_probe[sum_j w_j f(theta_j)]``."""
-  per_probe = jnp.sum(quadrature.weights * fn(quadrature.nodes), axis=-1)
-  return quadrature.dim * jnp.mean(per_probe)
-
-
-def spectral_density(quadrature: SpectralQuadrature, grid: jax.Array, *,
-                     sigma: float) -> jax.Array:
-  """Gaussian-smoothed spectral density on ``grid`` (integrates to ~1)."""
-  diff = grid[:, None, None] - quadrature.nodes[None]
-  kernel = jnp.exp(-0.5 * (diff / sigma) ** 2) / (sigma * jnp.sqrt(2 * jnp.pi))
-  return jnp.sum(kernel * quadrature.weights[None], axis=-1).mean(axis=-1)
-
-
-def hutchinson_trace(matvec: Matvec, dim: int, *, key: jax.Array,
-                     num_probes: int = 10, dtype=None) -> jax.Array:
-  """Hutchinson's estimator ``mean_p z_p^T A z_p`` with Rademacher ``z``."""
-  dim = _checks.check_positive_int(dim, "dim")
-  num_probes = _checks.check_positive_int(num_probes, "num_probes")
-  z = jax.random.rademacher(key, (num_probes, dim), dtype or jnp.zeros(()).dtype)
-  return jnp.mean(jax.vmap(lambda v: jnp.vdot(v, matvec(v)))(z))

@@ -1,0 +1,88 @@
+"""The command line every ``python -m experiments.<name>`` shares.
+
+An experiment module defines a frozen dataclass ``Config`` (with a ``seed``
+field), a dict ``QUICK`` of overrides for ``--quick``, and
+``experiment(config, run) -> summary`` where ``run`` is a
+:class:`experiments._runner.Run`. It ends with
+``main = _cli.entry_point(NAME, Config, experiment, quick=QUICK)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from experiments import _config
+from experiments._runner import (CheckpointError, Run, RunOptions, fmt,
+                                 prepare_dir)
+
+
+def parse(name: str, config_cls, quick: dict, argv=None, description=""):
+  parser = argparse.ArgumentParser(
+      prog=f"python -m experiments.{name}", description=description)
+  parser.add_argument("--quick", action="store_true",
+                      help="reduced size (what the test suite runs)")
+  parser.add_argument("--out", type=Path, default=None,
+                      help=f"run directory [default: results/{name}/<timestamp>]")
+  parser.add_argument("--config", default=None,
+                      help="JSON or YAML file of config options")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its checkpoints")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="delete an existing --out directory first")
+  parser.add_argument("--quiet", action="store_true",
+                      help="no progress bars (automatic when not a TTY)")
+  parser.add_argument("--checkpoint-every", type=int, default=50,
+                      help="steps between checkpoints of long loops [default: 50]")
+  parser.add_argument("--keep-checkpoints", type=int, default=2,
+                      help="checkpoints kept per loop [default: 2]")
+  _config.add_config_arguments(parser, config_cls, quick)
+  args = parser.parse_args(argv)
+  run_keys = {"quick", "out", "config", "resume", "overwrite", "quiet",
+              "checkpoint_every", "keep_checkpoints"}
+  cli_values = {k: v for k, v in vars(args).items() if k not in run_keys}
+  file_values = _config.load_config_file(args.config) if args.config else None
+  config = _config.resolve(config_cls, quick=args.quick, quick_overrides=quick,
+                           file_values=file_values, cli_values=cli_values)
+  if args.checkpoint_every < 1:
+    parser.error("--checkpoint-every must be >= 1")
+  out = args.out
+  if out is None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("results") / name / f"{stamp}-seed{getattr(config, 'seed', 0)}"
+  options = RunOptions(out=out, resume=args.resume, overwrite=args.overwrite,
+                       quiet=args.quiet, quick=args.quick,
+                       checkpoint_every=args.checkpoint_every,
+                       keep_checkpoints=args.keep_checkpoints)
+  return config, options
+
+
+def entry_point(name: str, config_cls, run_fn, *, quick: dict,
+                description: str = "", x64: bool = True):
+  """Builds ``main(argv=None) -> int`` for an experiment module.
+
+  ``x64``: switch ``jax_enable_x64`` on when ``main`` starts (spectra of
+  ill-conditioned matrices need float64); importing the module does not.
+  """
+
+  def main(argv=None) -> int:
+    config, options = parse(name, config_cls, quick, argv, description)
+    if x64:
+      import jax  # noqa: PLC0415
+      jax.config.update("jax_enable_x64", True)
+    prepare_dir(name, config, options)
+    run = Run(name, config, options)
+    try:
+      summary = run.finish(run_fn(config, run))
+    except CheckpointError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    run.print(f"[{name}] wrote {options.out}/summary.json")
+    for f in summary["figures"]:
+      run.print(f"  {f['name']}: ours {fmt(f['ours'])}  paper "
+                f"{fmt(f['paper'])}  {f['note']}")
+    return 0
+
+  return main

@@ -1,0 +1,30 @@
+"""Pre-training theta_0: the one helper every experiment uses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from experiments._runner import Run
+from immunojax import data, models
+from immunojax.immunizer import supervised
+
+
+def classifier(run: Run, apply, params, split: data.Split, *, steps: int,
+               lr: float, batch_size: int, seed: int, desc: str,
+               dtype=None, loop: str = "pretrain"):
+  """Adam on the cross-entropy of ``split``'s training set, as a
+  checkpointed loop of ``run``; batches from ``PRNGKey(seed)``.
+
+  Returns:
+    The pre-trained parameters.
+  """
+  trainer = supervised(lambda p, b: models.cross_entropy(apply(p, b[0]), b[1]),
+                       optax.adam(lr))
+  key = jax.random.PRNGKey(seed)
+  arrays = (jnp.asarray(split.x_train, dtype), jnp.asarray(split.y_train))
+  state = run.fit(loop, trainer, trainer.init(params, key),
+                  lambda d, t: data.minibatch(key, d, batch_size, t), arrays,
+                  steps, desc=desc)
+  return trainer.params(state)

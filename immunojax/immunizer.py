@@ -1,0 +1,93 @@
+"""The method contract: every immunization method is an :class:`Immunizer`.
+
+optax-style, a method is a keyword-only factory returning a pure pair::
+
+    imm = cond_num.linear(problem, lambda_p=10.0, lambda_h=10.0, ...)
+    state = imm.init(params, key)
+    state, metrics = jax.jit(imm.update)(state, batch, key)
+    params = imm.params(state)
+
+Everything a method needs besides the per-step batch (Grams, harmful sets,
+attacker sets, hyper-parameters) goes in at construction; ``update`` is pure
+and jit-able, and its ``batch`` is whatever the method consumes per step
+(documented by each factory). Factories take an optional ``axis_name``: the
+gradient is then averaged over that named device axis, so sharding wraps a
+method without changing it.
+
+:func:`descend` builds the common case, an optimizer following a direction
+(a gradient plus regularizer terms); :func:`supervised` is plain training
+(pre-training), an immunizer with no regularizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import optax
+
+from immunojax import masks
+
+PyTree = Any
+
+
+class Immunizer(NamedTuple):
+  """``init(params, key) -> state``; ``update(state, batch, key) -> (state,
+  metrics)``; ``params(state) -> params`` reads the model back."""
+  init: Callable[[PyTree, jax.Array], PyTree]
+  update: Callable[[PyTree, Any, jax.Array], tuple[PyTree, dict]]
+  params: Callable[[PyTree], PyTree]
+
+
+class TrainState(NamedTuple):
+  """State of an optimizer-driven immunizer."""
+  params: PyTree
+  opt_state: PyTree
+
+
+def descend(direction: Callable[[PyTree, Any, jax.Array], tuple[PyTree, dict]],
+            optimizer: optax.GradientTransformation, *, trainable=None,
+            axis_name: str | None = None) -> Immunizer:
+  """An immunizer that feeds ``direction`` to ``optimizer`` each step.
+
+  Args:
+    direction: ``direction(params, batch, key) -> (updates_like_grads,
+      metrics)``: the descent direction (gradient of the task loss plus any
+      regularizer terms) with the params' structure.
+    optimizer: an optax transformation (e.g. ``optax.sgd(eta)``: Algorithm
+      1's ``theta <- theta - eta * direction``).
+    trainable: None, a bool mask pytree or regex pattern(s): the rest is
+      frozen (``optax.selective_transform``).
+    axis_name: ``lax.pmean`` the direction and metrics over this axis.
+  """
+  def init(params, key):
+    del key
+    mask = masks.resolve(trainable, params)
+    return TrainState(params, masks.only(optimizer, mask).init(params))
+
+  def update(state, batch, key):
+    mask = masks.resolve(trainable, state.params)
+    g, metrics = direction(state.params, batch, key)
+    if axis_name is not None:
+      g, metrics = jax.lax.pmean((g, metrics), axis_name)
+    u, opt_state = masks.only(optimizer, mask).update(g, state.opt_state,
+                                                      state.params)
+    return TrainState(optax.apply_updates(state.params, u), opt_state), metrics
+
+  return Immunizer(init, update, lambda state: state.params)
+
+
+def supervised(loss_fn: Callable[[PyTree, Any], jax.Array],
+               optimizer: optax.GradientTransformation, *, trainable=None,
+               axis_name: str | None = None) -> Immunizer:
+  """Plain training on ``loss_fn(params, batch)`` (pre-training a model).
+
+  ``update``'s metrics are ``{"loss": value}``.
+  """
+  def direction(params, batch, key):
+    del key
+    value, g = jax.value_and_grad(loss_fn)(params, batch)
+    return g, {"loss": value}
+
+  return descend(direction, optimizer, trainable=trainable,
+                 axis_name=axis_name)

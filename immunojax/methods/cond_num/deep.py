@@ -1,0 +1,121 @@
+"""Condition-number immunization of a non-linear extractor (paper Eq. 18) and
+its baselines, each a factory returning an
+:class:`~immunojax.immunizer.Immunizer`.
+
+The objective is ``L(D_P) + lambda_H R_ill(H~_H) + lambda_P R_well(H~_P)``
+with ``H~ = F(theta)^T F(theta)`` of pooled features; there is no ``K^-1``
+preconditioning (the paper's theory is linear and the released code has none
+for deep nets). ``update``'s batch is ``((x_p, y_p), x_h)``: a pre-training
+mini-batch and a mini-batch of harmful inputs (no labels needed); its key is
+unused.
+
+``normalize=True`` (ours) scales each regularizer gradient to unit global
+norm (:func:`~immunojax.methods.cond_num.regularizers.weight`) before weighting; the paper balances
+gradient norms by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from immunojax import spectral
+from immunojax.immunizer import Immunizer, descend
+from immunojax.methods import _registry
+from immunojax.methods.cond_num.regularizers import (r_ill_features,
+                                                     r_well_features, weight)
+
+PyTree = Any
+FeaturesFn = Callable[[PyTree, jax.Array], jax.Array]
+
+
+def _immunizer(terms: Callable[[FeaturesFn, Any], dict], *, features_fn,
+               task_loss, optimizer, normalize, trainable, axis_name
+               ) -> Immunizer:
+  """Task gradient plus ``sum lam * normalize(grad term)`` over ``terms``."""
+  def direction(params, batch, key):
+    del key
+    batch_p, x_h = batch
+    loss, g = jax.value_and_grad(task_loss)(params, batch_p)
+    f_p = lambda p: features_fn(p, batch_p[0])
+    f_h = lambda p: features_fn(p, x_h)
+    for fn, lam in terms(f_p, f_h):
+      gr = weight(lam, normalize)(jax.grad(fn)(params))
+      g = jax.tree_util.tree_map(lambda a, b: a + b, g, gr)
+    return g, {"task_loss": loss}
+
+  return descend(direction, optimizer, trainable=trainable,
+                 axis_name=axis_name)
+
+
+def cond_num(*, features_fn: FeaturesFn, task_loss: Callable,
+         lambda_p: float, lambda_h: float,
+         optimizer: optax.GradientTransformation, trainable=None,
+         normalize: bool = True, estimator: spectral.EstimatorLike = "pinv",
+         axis_name: str | None = None) -> Immunizer:
+  """Condition-number immunization of a deep extractor (Eq. 18).
+
+  Args:
+    features_fn: ``features_fn(params, x) -> (N, D_hid)`` pooled features.
+    task_loss: ``task_loss(params, (x_p, y_p)) -> scalar`` on D_P.
+    lambda_p, lambda_h: regularizer weights.
+    optimizer: any optax transformation.
+    trainable: None, a bool mask or regex pattern(s); the rest is frozen.
+    normalize: unit-norm regularizer gradients before weighting (ours).
+    estimator: ``kappa`` estimator inside ``R_ill``.
+    axis_name: average the update over this named device axis.
+  """
+  est = spectral.estimator(estimator)
+  terms = lambda f_p, f_h: (
+      (lambda p: r_ill_features(f_h(p), estimator=est), lambda_h),
+      (lambda p: r_well_features(f_p(p)), lambda_p))
+  return _immunizer(terms, features_fn=features_fn, task_loss=task_loss,
+                    optimizer=optimizer, normalize=normalize,
+                    trainable=trainable, axis_name=axis_name)
+
+
+def r_ill_only(*, features_fn: FeaturesFn, task_loss: Callable,
+               lambda_h: float, optimizer: optax.GradientTransformation,
+               trainable=None, normalize: bool = True,
+               estimator: spectral.EstimatorLike = "pinv",
+               axis_name: str | None = None) -> Immunizer:
+  """Baseline: the ``R_ill`` term only. Arguments as :func:`cond_num`."""
+  est = spectral.estimator(estimator)
+  terms = lambda f_p, f_h: (
+      (lambda p: r_ill_features(f_h(p), estimator=est), lambda_h),)
+  return _immunizer(terms, features_fn=features_fn, task_loss=task_loss,
+                    optimizer=optimizer, normalize=normalize,
+                    trainable=trainable, axis_name=axis_name)
+
+
+def opt_kappa(*, features_fn: FeaturesFn, task_loss: Callable,
+              lambda_p: float, lambda_h: float,
+              optimizer: optax.GradientTransformation, trainable=None,
+              normalize: bool = True,
+              estimator: spectral.EstimatorLike = "pinv",
+              axis_name: str | None = None) -> Immunizer:
+  """Baseline: ``lambda_P log kappa(H~_P) + lambda_H / log kappa(H~_H)``.
+  Arguments as :func:`cond_num`."""
+  est = spectral.estimator(estimator)
+
+  def log_kappa(f):
+    e = est.of_features(f)
+    return jax.numpy.log(e.sigma_max) - jax.numpy.log(e.sigma_min)
+
+  terms = lambda f_p, f_h: ((lambda p: log_kappa(f_p(p)), lambda_p),
+                            (lambda p: 1.0 / log_kappa(f_h(p)), lambda_h))
+  return _immunizer(terms, features_fn=features_fn, task_loss=task_loss,
+                    optimizer=optimizer, normalize=normalize,
+                    trainable=trainable, axis_name=axis_name)
+
+
+METHODS: dict[str, Callable[..., Immunizer]] = {
+    "cond_num": cond_num, "r_ill_only": r_ill_only, "opt_kappa": opt_kappa}
+
+
+def by_name(name: str, **options) -> Immunizer:
+  """The deep method ``name`` (a key of :data:`METHODS`) with the subset of
+  ``options`` its factory takes."""
+  return _registry.by_name(METHODS, name, **options)
