@@ -133,3 +133,22 @@ def resolve(config_cls, *, quick: bool, quick_overrides: dict,
 
 def as_dict(config) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+# Options shared by the experiments that report a condition number.
+Estimator = Literal["pinv", "official"]
+
+
+def estimator_option() -> Any:
+  """``estimator: Estimator = estimator_option()``: the kappa estimator the
+  method uses inside its regularizers (reports always show both)."""
+  return dataclasses.field(default="pinv", metadata={
+      "help": "kappa estimator inside the regularizers (reports show both)"})
+
+
+def normalize_option() -> Any:
+  """``normalize: bool = normalize_option()``: unit-norm regularizer
+  directions (ours) or the paper's hand-balanced ones."""
+  return dataclasses.field(default=True, metadata={
+      "help": "unit-norm regularizer directions (ours; the paper balances "
+              "them by hand)"})

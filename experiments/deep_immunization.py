@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from experiments import _cli, _plots, _pretrain, _runner
+from experiments import _cli, _config, _plots, _pretrain, _runner
 from immunojax import attacks, data, masks, models, spectral
 from immunojax.methods import cond_num
 
@@ -41,12 +41,8 @@ class Config:
   lambda_p: float = 1.0
   lambda_h: float = 1.0
   methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "cond_num")
-  estimator: Literal["pinv", "official"] = dataclasses.field(
-      default="pinv", metadata={"help": "kappa estimator inside the "
-                                "regularizers (reports show both)"})
-  normalize: bool = dataclasses.field(
-      default=True, metadata={"help": "unit-norm regularizer gradients "
-                              "(ours; the paper balances them by hand)"})
+  estimator: _config.Estimator = _config.estimator_option()
+  normalize: bool = _config.normalize_option()
   num_groups: int = 20
   group_size: int = 100
   probe_steps: int = 300

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _cli, _runner
+from experiments import _cli, _config, _runner
 from immunojax import data, spectral
 from immunojax.methods import cond_num
 
@@ -46,12 +46,8 @@ class Config:
   lambda_h: float = 10.0
   methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "probe_ascent",
                                  "cond_num")
-  estimator: Literal["pinv", "official"] = dataclasses.field(
-      default="pinv", metadata={"help": "kappa estimator inside the "
-                                "regularizers (reports show both)"})
-  normalize: bool = dataclasses.field(
-      default=True, metadata={"help": "unit-norm regularizer directions "
-                              "(ours; the paper balances them by hand)"})
+  estimator: _config.Estimator = _config.estimator_option()
+  normalize: bool = _config.normalize_option()
 
 
 QUICK = {"epochs": 4, "methods": ("opt_kappa", "cond_num")}

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _cli, _runner
+from experiments import _cli, _config, _runner
 from immunojax import attacks, data, spectral
 from immunojax.data.house_price import load_house_price
 from immunojax.methods import cond_num
@@ -58,12 +58,8 @@ class Config:
   precondition_side: Literal["left", "right"] = "left"
   methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "probe_ascent",
                                  "cond_num")
-  estimator: Literal["pinv", "official"] = dataclasses.field(
-      default="pinv", metadata={"help": "kappa estimator inside the "
-                                "regularizers (reports show both)"})
-  normalize: bool = dataclasses.field(
-      default=True, metadata={"help": "unit-norm regularizer directions "
-                              "(ours; the paper balances them by hand)"})
+  estimator: _config.Estimator = _config.estimator_option()
+  normalize: bool = _config.normalize_option()
   lambda_sweep: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
   linesearch_steps: int = 100
 

@@ -7,13 +7,11 @@ mask, and the map back to the model's full parameters. :func:`adapt` runs
 these; so do the methods that simulate an attacker (SOPHON's fine-tuning
 suppression, IMMA's lower level, GS-LoRA's relearning probe).
 
-=============  ==============================================================
-``full``       every parameter
-``head``       only the leaves matching the head pattern(s); the rest frozen
-``reinit_head``every parameter, after re-initialising the head (a fresh probe)
-``lora``       LoRA adapters on the targeted kernels; the base stays frozen
-``masked``     only the leaves a given mask / pattern list marks trainable
-=============  ==============================================================
+* ``full``: every parameter.
+* ``head``: only the leaves matching the head pattern(s); the rest frozen.
+* ``reinit_head``: every parameter, after re-initialising the head.
+* ``lora``: LoRA adapters on the targeted kernels; the base stays frozen.
+* ``masked``: only the leaves a given mask or pattern list marks trainable.
 """
 
 from __future__ import annotations
