@@ -42,6 +42,9 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--quick", action="store_true",
                  help="reduced sizes; finishes in under a minute")
+  p.add_argument("--smoke", action="store_true",
+                 help="the smallest sizes (the test suite's contract check; "
+                      "its figures mean nothing); implies --quick")
   p.add_argument("--out", default=default_out,
                  help="JSON output path (a PNG is written beside it)")
   p.add_argument("--repeats", type=int, default=None,

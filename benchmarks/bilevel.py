@@ -23,10 +23,11 @@ from immunojax.finetune import finetune
 def main(argv=None):
   args = _common.parser(__doc__.splitlines()[0],
                         "results/benchmarks/bilevel.json").parse_args(argv)
-  quick = args.quick
-  repeats = args.repeats or (3 if quick else 5)
-  ks = (1, 5, 20, 50)
-  width, batch = (128, 128) if quick else (256, 256)
+  quick = args.quick or args.smoke
+  repeats = args.repeats or (1 if args.smoke else 3 if quick else 5)
+  ks = (1, 5) if args.smoke else (1, 5, 20, 50)
+  width, batch = (32, 32) if args.smoke else (128, 128) if quick else \
+      (256, 256)
   key = jax.random.PRNGKey(0)
   mlp_loss, params = _common.mlp(0, width)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -71,7 +71,8 @@ def main(argv=None):
   arrays, source = load(args.data_dir)
   records = []
   for method in cond_num.linear.METHODS:
-    steps, first, run = full_run(method, arrays)
+    steps, first, run = full_run(method, arrays,
+                                 epochs=5 if args.smoke else 100)
     records.append({"method": method, "steps": steps,
                     "seconds_with_compile": first, "seconds_run": run,
                     "steps_per_second": steps / run})

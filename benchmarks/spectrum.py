@@ -137,14 +137,14 @@ def main(argv=None):
   args = _common.parser(__doc__.splitlines()[0],
                         "results/benchmarks/spectrum.json").parse_args(argv)
   jax.config.update("jax_enable_x64", True)
-  quick = args.quick
-  repeats = args.repeats or (2 if quick else 3)
+  quick, smoke = args.quick or args.smoke, args.smoke
+  repeats = args.repeats or (1 if smoke else 2 if quick else 3)
   log = lambda s: print(s, flush=True)
   records = []
   key = jax.random.PRNGKey(0)
 
   log("[linear probe: Hessian = F^T F (one output) or kron(F^T F, I_C)]")
-  probe_dims = [100, 1000] if quick else [100, 1000, 5000]
+  probe_dims = [100] if smoke else [100, 1000] if quick else [100, 1000, 5000]
   # N=100 is the paper's RIR_theta0 group size (N < D: the small Gram wins);
   # N=2000 > D leaves both paths one D x D eigh.
   for n_samples in (100, 2000):
@@ -166,7 +166,7 @@ def main(argv=None):
   # A 10-output head: the Hessian is kron(F^T F, I_10); jax.hessian sees
   # 10 D parameters, the closed form still decomposes one D x D Gram.
   classes = 10
-  for d in ([100, 200] if quick else [100, 200, 400]):
+  for d in ([100] if smoke else [100, 200] if quick else [100, 200, 400]):
     feats, _ = probe_case(d, 2000, key)
     y = jnp.zeros((2000, classes))
     closed = jax.jit(lambda f: jnp.repeat(spectral.gram_eigenvalues(f), classes))
@@ -183,7 +183,8 @@ def main(argv=None):
         f"speedup={t2 / t:.1f}x lambda_max agree={rel(ev[-1], ev2[-1]):.1e}")
 
   log("[MLP: tanh, 2 hidden layers, softmax cross-entropy, 512 samples]")
-  mlp_sizes = [1_000, 10_000, 100_000] if quick else \
+  mlp_sizes = [1_000, 10_000] if smoke else [1_000, 10_000, 100_000] if quick \
+      else \
       [1_000, 10_000, 100_000, 1_000_000]
   k1, k2, _ = jax.random.split(key, 3)
   x = jax.random.normal(k1, (512, 64))
@@ -207,6 +208,7 @@ def main(argv=None):
                                                        "closed_form", "run_s")
 
   c10 = max(r["size"] for r in records if r["family"] == "probe_c10")
+  d_ref = 1000 if 1000 in probe_dims else max(probe_dims)   # smoke: 100
   summary = {
       "lanczos_overhead_vs_hvp": pick("mlp", big, "lanczos", "overhead_vs_hvp"),
       "lanczos_overhead_vs_hvp_at_params": pick("mlp", big, "lanczos", "dim"),
@@ -214,8 +216,8 @@ def main(argv=None):
           str(s): pick("mlp", s, "lanczos", "overhead_vs_hvp")
           for s in mlp_sizes},
       # D = 1000 with the paper's RIR_theta0 group size (N = 100 < D).
-      "closed_form_speedup_vs_hessian": speedup("probe_n100", 1000),
-      "closed_form_speedup_vs_hessian_n2000": speedup("probe_n2000", 1000),
+      "closed_form_speedup_vs_hessian": speedup("probe_n100", d_ref),
+      "closed_form_speedup_vs_hessian_n2000": speedup("probe_n2000", d_ref),
       f"closed_form_speedup_vs_hessian_10_outputs_D{c10}": speedup("probe_c10",
                                                                   c10),
       "lanczos_top_eigenvalue_seconds_at_largest": pick("mlp", big, "lanczos",

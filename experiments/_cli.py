@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 from experiments import _config
-from experiments._runner import (CheckpointError, Run, RunOptions, fmt,
-                                 prepare_dir)
+from experiments._runner import (CheckpointError, DivergedError, Run,
+                                 RunOptions, UsageError, fmt, prepare_dir)
 
 
 def parse(name: str, config_cls, quick: dict, argv=None, description=""):
   parser = argparse.ArgumentParser(
-      prog=f"python -m experiments.{name}", description=description)
+      prog=f"python -m experiments.{name}", description=description,
+      allow_abbrev=False)
   parser.add_argument("--quick", action="store_true",
                       help="reduced size (what the test suite runs)")
   parser.add_argument("--out", type=Path, default=None,
@@ -31,7 +32,12 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
   parser.add_argument("--resume", action="store_true",
                       help="continue the run in --out from its checkpoints")
   parser.add_argument("--overwrite", action="store_true",
-                      help="delete an existing --out directory first")
+                      help="replace an existing run in --out (only a run "
+                      "directory of ours is ever deleted)")
+  parser.add_argument("--fallback", action="store_true",
+                      help="with --resume: set a corrupt newest checkpoint "
+                      "aside (corrupt_checkpoints/) and continue from the "
+                      "one before it")
   parser.add_argument("--quiet", action="store_true",
                       help="no progress bars (automatic when not a TTY)")
   parser.add_argument("--checkpoint-every", type=int, default=50,
@@ -41,13 +47,20 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
   _config.add_config_arguments(parser, config_cls, quick)
   args = parser.parse_args(argv)
   run_keys = {"quick", "out", "config", "resume", "overwrite", "quiet",
-              "checkpoint_every", "keep_checkpoints"}
+              "checkpoint_every", "keep_checkpoints", "fallback"}
   cli_values = {k: v for k, v in vars(args).items() if k not in run_keys}
   file_values = _config.load_config_file(args.config) if args.config else None
   config = _config.resolve(config_cls, quick=args.quick, quick_overrides=quick,
                            file_values=file_values, cli_values=cli_values)
   if args.checkpoint_every < 1:
     parser.error("--checkpoint-every must be >= 1")
+  if args.keep_checkpoints < 1:
+    parser.error("--keep-checkpoints must be >= 1 (0 would keep no "
+                 "checkpoint, so a crash could not be resumed)")
+  if args.fallback and not args.resume:
+    parser.error("--fallback goes with --resume")
+  if args.resume and args.overwrite:
+    parser.error("--resume and --overwrite exclude each other")
   out = args.out
   if out is None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -55,30 +68,46 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
   options = RunOptions(out=out, resume=args.resume, overwrite=args.overwrite,
                        quiet=args.quiet, quick=args.quick,
                        checkpoint_every=args.checkpoint_every,
-                       keep_checkpoints=args.keep_checkpoints)
+                       keep_checkpoints=args.keep_checkpoints,
+                       fallback=args.fallback)
   return config, options
 
 
 def entry_point(name: str, config_cls, run_fn, *, quick: dict,
-                description: str = "", x64: bool = True):
+                description: str = "", x64: bool = True, preflight=None):
   """Builds ``main(argv=None) -> int`` for an experiment module.
 
-  ``x64``: switch ``jax_enable_x64`` on when ``main`` starts (spectra of
-  ill-conditioned matrices need float64); importing the module does not.
+  Exit codes: 0 done; 2 a usage error (bad option, run directory, data or
+  checkpoint), one line on stderr, and nothing written when it is found
+  before the run starts; 1 the run diverged (NaN/Inf), with the step.
+
+  Args:
+    x64: switch ``jax_enable_x64`` on when ``main`` starts (spectra of
+      ill-conditioned matrices need float64); importing the module does not.
+    preflight: ``preflight(config)``, run before anything is written; raise
+      ``ValueError``/``OSError`` naming what is wrong (e.g. a data file).
   """
 
   def main(argv=None) -> int:
-    config, options = parse(name, config_cls, quick, argv, description)
-    if x64:
-      import jax  # noqa: PLC0415
-      jax.config.update("jax_enable_x64", True)
-    prepare_dir(name, config, options)
-    run = Run(name, config, options)
     try:
+      config, options = parse(name, config_cls, quick, argv, description)
+      if preflight is not None:
+        try:
+          preflight(config)
+        except (ValueError, OSError) as e:
+          raise UsageError(str(e)) from None
+      if x64:
+        import jax  # noqa: PLC0415
+        jax.config.update("jax_enable_x64", True)
+      prepare_dir(name, config, options)
+      run = Run(name, config, options)
       summary = run.finish(run_fn(config, run))
-    except CheckpointError as e:
+    except (UsageError, CheckpointError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
+    except DivergedError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
     run.print(f"[{name}] wrote {options.out}/summary.json")
     for f in summary["figures"]:
       run.print(f"  {f['name']}: ours {fmt(f['ours'])}  paper "

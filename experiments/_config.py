@@ -92,43 +92,62 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls,
 
 
 def load_config_file(path: str | Path) -> dict:
+  """A JSON or YAML mapping of options (or a run's own config.json).
+
+  Raises:
+    UsageError: missing or unreadable file, malformed JSON/YAML (with the
+      line), or not a mapping.
+  """
+  from experiments._runner import UsageError  # noqa: PLC0415
   path = Path(path)
-  if not path.exists():
-    raise SystemExit(f"error: --config file {path} does not exist")
-  text = path.read_text()
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise UsageError(f"--config file {path}: {e.strerror or e}") from None
   if path.suffix in (".yaml", ".yml"):
     import yaml  # noqa: PLC0415
-    data = yaml.safe_load(text) or {}
+    try:
+      data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+      mark = getattr(e, "problem_mark", None)
+      where = f" line {mark.line + 1}" if mark is not None else ""
+      raise UsageError(f"--config file {path}{where} is not valid YAML "
+                       f"({getattr(e, 'problem', None) or e})") from None
   else:
-    data = json.loads(text)
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"--config file {path} line {e.lineno} is not valid "
+                       f"JSON ({e.msg})") from None
   if isinstance(data, dict) and "config" in data and isinstance(
       data["config"], dict):
     data = data["config"]  # accept a run's own config.json
   if not isinstance(data, dict):
-    raise SystemExit(f"error: --config file {path} must hold a mapping")
+    raise UsageError(f"--config file {path} must hold a mapping of options")
   return data
 
 
 def resolve(config_cls, *, quick: bool, quick_overrides: dict,
             file_values: dict | None, cli_values: dict):
-  """Builds the config; raises SystemExit naming a bad or unknown option."""
+  """Builds the config; raises UsageError naming a bad or unknown option."""
+  from experiments._runner import UsageError  # noqa: PLC0415
   known = {f.name: tp for f, tp in _fields(config_cls)}
   values: dict[str, Any] = {}
   if quick:
     values.update(quick_overrides)
   for key, raw in (file_values or {}).items():
     if key not in known:
-      raise SystemExit(f"error: unknown option {key!r} in --config file; "
+      raise UsageError(f"unknown option {key!r} in --config file; "
                        f"known: {sorted(known)}")
     try:
       values[key] = _converter(known[key])[0](raw)
     except argparse.ArgumentTypeError as e:
-      raise SystemExit(f"error: option {key!r} in --config file: {e}") from e
+      raise UsageError(f"option {key!r} in --config file: {e}") from None
   values.update(cli_values)
   try:
     return config_cls(**values)
   except (TypeError, ValueError) as e:
-    raise SystemExit(f"error: invalid configuration: {e}") from e
+    raise UsageError(f"invalid configuration: {e}") from None
 
 
 def as_dict(config) -> dict:
@@ -152,3 +171,24 @@ def normalize_option() -> Any:
   return dataclasses.field(default=True, metadata={
       "help": "unit-norm regularizer directions (ours; the paper balances "
               "them by hand)"})
+
+
+def require(config, *, positive: tuple[str, ...] = (),
+            nonnegative: tuple[str, ...] = ()) -> None:
+  """Range checks for a config's ``__post_init__``: each named number (or
+  every number of a tuple field) must be > 0 / >= 0; a tuple named in
+  ``positive`` must not be empty.
+
+  Raises:
+    ValueError: naming the option (as its command-line flag) and the value.
+  """
+  for names, ok, word in ((positive, lambda v: v > 0, "> 0"),
+                          (nonnegative, lambda v: v >= 0, ">= 0")):
+    for name in names:
+      value = getattr(config, name)
+      items = value if isinstance(value, tuple) else (value,)
+      if not items and names is positive:
+        raise ValueError(f"{_flag(name)} needs at least one value")
+      for v in items:
+        if isinstance(v, (int, float)) and not ok(v):
+          raise ValueError(f"{_flag(name)} must be {word}, got {v!r}")

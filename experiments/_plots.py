@@ -16,10 +16,13 @@ def attack_curves(run, curves, name: str = "attack_curves", *,
     steps = curves.steps[start]
     for row in m:
       ax.plot(steps, row, color="tab:gray", alpha=0.35, lw=0.8)
-    best = int(np.nanargmax(np.nanmax(m, axis=1)))
-    ax.plot(steps, m[best], color="tab:red", lw=2,
-            label=curves.attacks[best].label)
-    ax.set(title=f"{start} ({len(m)} attacks)", xlabel="attack step")
+    if np.isfinite(m).any():
+      best = int(np.argmax(np.where(np.isfinite(m), m, -np.inf).max(1)))
+      ax.plot(steps, m[best], color="tab:red", lw=2,
+              label=f"best: {curves.attacks[best].label}")
+    n_div = int(curves.diverged[start].sum())
+    ax.set(title=f"{start} ({len(m)} attacks"
+           f"{f', {n_div} diverged' if n_div else ''})", xlabel="attack step")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(ylabel)
@@ -28,10 +31,16 @@ def attack_curves(run, curves, name: str = "attack_curves", *,
   run.save_figure(fig, name)
 
 
+def _finite_or_none(a: np.ndarray) -> list:
+  """JSON has no NaN/Inf: a non-finite value is written as null."""
+  return np.where(np.isfinite(a), a, None).tolist()
+
+
 def curves_json(curves) -> dict:
-  """Per-attack curves as JSON-able lists."""
+  """Per-attack curves as JSON-able lists (null: no finite value)."""
   return {"attacks": [a._asdict() for a in curves.attacks],
           "steps": {k: v.tolist() for k, v in curves.steps.items()},
-          "metric": {k: np.where(np.isnan(v), None, v).tolist()
-                     for k, v in curves.metric.items()},
-          "final_loss": {k: v.tolist() for k, v in curves.final_loss.items()}}
+          "metric": {k: _finite_or_none(v) for k, v in curves.metric.items()},
+          "final_loss": {k: _finite_or_none(v)
+                         for k, v in curves.final_loss.items()},
+          "diverged": {k: v.tolist() for k, v in curves.diverged.items()}}

@@ -32,6 +32,27 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be trusted (corrupt, or from another config)."""
 
 
+class UsageError(SystemExit):
+  """A bad option or run directory: one line on stderr, exit code 2."""
+
+  def __init__(self, message: str):
+    super().__init__(2)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+class DivergedError(RuntimeError):
+  """A training loop produced NaN/Inf: the run stops and says so."""
+
+
+# What a run directory of ours may hold; --overwrite deletes nothing else.
+OUR_ENTRIES = ("config.json", "metrics.jsonl", "summary.json", "report.md",
+               "checkpoints", "corrupt_checkpoints")
+OUR_SUFFIXES = (".png", "_curves.json")
+
+
 @dataclass(frozen=True)
 class RunOptions:
   out: Path
@@ -41,6 +62,7 @@ class RunOptions:
   quick: bool
   checkpoint_every: int
   keep_checkpoints: int
+  fallback: bool = False
 
 
 def _jsonable(x):
@@ -53,8 +75,19 @@ def _jsonable(x):
     a = np.asarray(x)
     return _jsonable(a.item() if a.ndim == 0 else a.tolist())
   if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
+    return None   # JSON has no NaN/Inf; null means "no finite value"
   return x
+
+
+class CorruptCheckpoint(CheckpointError):
+  """A checkpoint whose files cannot be read."""
+
+
+def _corrupt(loop: str, step: int, where: Path, error: Exception):
+  first = (str(error).strip().splitlines() or [""])[0][:160]
+  return CorruptCheckpoint(
+      f"checkpoint step {step} of loop {loop!r} is corrupt ({where}: "
+      f"{type(error).__name__}: {first})")
 
 
 def fingerprint(config_dict: dict) -> str:
@@ -133,9 +166,7 @@ class Run:
       meta = manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - orbax raises many types
-      raise CheckpointError(
-          f"checkpoint {where} is unreadable ({type(e).__name__}: {e}); "
-          "delete it or start again with --overwrite") from e
+      raise _corrupt(loop, step, where, e) from None
     if meta.get("fingerprint") != self.fingerprint:
       raise CheckpointError(
           f"checkpoint {where} was written by a run with another config "
@@ -146,9 +177,7 @@ class Run:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(
-          f"checkpoint {where} does not match this run's state "
-          f"({type(e).__name__}: {e}); refusing to load it") from e
+      raise _corrupt(loop, step, where, e) from None
     leaves = jax.tree_util.tree_leaves(restored)
     want = jax.tree_util.tree_leaves(abstract)
     for got, exp in zip(leaves, want):
@@ -158,13 +187,46 @@ class Run:
             f"the run expects {exp.dtype}{list(exp.shape)}; refusing to load")
     return restored, meta
 
+  def _restore_latest(self, loop: str, template):
+    """Restores the newest checkpoint of ``loop``; with ``--fallback``, a
+    corrupt one is moved to ``corrupt_checkpoints/`` (never deleted) and the
+    one before it is tried."""
+    while True:
+      manager = self._manager(loop)
+      latest = manager.latest_step()
+      if latest is None:
+        return manager, None, None
+      try:
+        state, _ = self._restore(manager, latest, template, loop)
+        return manager, state, int(latest)
+      except CorruptCheckpoint as e:
+        manager.close()
+        older = [s for s in manager.all_steps() if s < latest]
+        if not self.options.fallback:
+          hint = (f"; pass --fallback with --resume to set it aside and "
+                  f"continue from step {max(older)}" if older else
+                  "; no older checkpoint: start again with --overwrite")
+          raise CheckpointError(f"{e}{hint}") from None
+        aside = self.out / "corrupt_checkpoints" / f"{loop}-{latest}"
+        aside.parent.mkdir(exist_ok=True)
+        shutil.move(str(self.out / "checkpoints" / loop / str(latest)),
+                    str(aside))
+        self.print(f"warning: {e}; moved it to {aside} and falling back")
+
   def _drop_metrics_after(self, loop: str, step: int) -> None:
     if not self._metrics_path.exists():
       return
-    kept = [line for line in self._metrics_path.read_text().splitlines()
-            if line and not (json.loads(line).get("loop") == loop
-                             and json.loads(line).get("step", 0) > step)]
-    self._metrics_path.write_text("".join(line + "\n" for line in kept))
+    lines = self._metrics_path.read_text().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue            # a line cut short by a crash
+      if not (rec.get("loop") == loop and rec.get("step", 0) > step):
+        kept.append(line)
+    if len(kept) != len(lines):
+      self._metrics_path.write_text("".join(line + "\n" for line in kept))
 
   def loop(self, loop: str, state: Any,
            step_fn: Callable[[Any, int], tuple[Any, dict]], num_steps: int, *,
@@ -187,17 +249,16 @@ class Run:
     start = 0
     manager = None
     if checkpoint:
-      manager = self._manager(loop)
-      latest = manager.latest_step()
+      if not self.options.resume and self._manager(loop).latest_step() is not None:
+        raise CheckpointError(
+            f"{self.out} already holds checkpoints for loop {loop!r}; pass "
+            "--resume to continue or --overwrite to start again")
+      manager, restored, latest = self._restore_latest(loop, state)
       if latest is not None:
-        if not self.options.resume:
-          raise CheckpointError(
-              f"{self.out} already holds checkpoints for loop {loop!r}; pass "
-              "--resume to continue or --overwrite to start again")
-        state, _ = self._restore(manager, latest, state, loop)
-        start = int(latest)
-        self._drop_metrics_after(loop, start)
+        state, start = restored, latest
         self.print(f"[{loop}] resumed from step {start}")
+    # Records past the start come from a crashed attempt: each step once.
+    self._drop_metrics_after(loop, start)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     every = max(int(self.options.checkpoint_every), 1)
     bar = self.progress(range(start, num_steps), desc=desc or loop,
@@ -208,12 +269,14 @@ class Run:
       done = step + 1
       if done % log_every == 0 or done == num_steps or step == start:
         host = jax.device_get(metrics)
+        _check_finite_metrics(loop, done, host)
         self.log(done, loop, **host)
         shown = {k: v for k, v in host.items() if getattr(v, "ndim", 1) == 0
                  or isinstance(v, (int, float))}
         bar.set_postfix({k: f"{float(v):.4g}" for k, v in
                          list(shown.items())[:3]}, refresh=False)
       if manager is not None and (done % every == 0 or done == num_steps):
+        _check_finite_state(loop, done, state)   # never checkpoint NaN
         manager.save(done, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"fingerprint": self.fingerprint,
@@ -266,6 +329,31 @@ class Run:
     return summary
 
 
+DIVERGED_HINT = ("lower the learning rate (or the regularizer weights) and "
+                 "start again with --overwrite")
+
+
+def _check_finite_metrics(loop: str, step: int, metrics: dict) -> None:
+  import numpy as np  # noqa: PLC0415
+  for name, value in metrics.items():
+    arr = np.asarray(value)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+      raise DivergedError(
+          f"loop {loop!r} diverged: {name} is {arr.ravel()[0]} at step "
+          f"{step}; {DIVERGED_HINT}")
+
+
+def _check_finite_state(loop: str, step: int, state) -> None:
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  for leaf in jax.tree_util.tree_leaves(state):
+    arr = np.asarray(leaf)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+      raise DivergedError(
+          f"loop {loop!r} diverged: its parameters hold NaN/Inf at step "
+          f"{step}; {DIVERGED_HINT}")
+
+
 def fmt(v) -> str:
   if v is None:
     return "—"
@@ -299,35 +387,87 @@ def _versions() -> dict:
   return out
 
 
+def run_config(out: Path) -> dict | None:
+  """The ``config.json`` of a run directory of ours, or None."""
+  try:
+    saved = json.loads((out / "config.json").read_text())
+  except (OSError, ValueError):
+    return None
+  if not isinstance(saved, dict) or not {"experiment", "config",
+                                         "fingerprint"} <= set(saved):
+    return None
+  return saved
+
+
+def foreign_entries(out: Path) -> list[str]:
+  """Entries of ``out`` that a run of ours does not write."""
+  return sorted(p.name for p in out.iterdir()
+                if p.name not in OUR_ENTRIES and not (
+                    p.is_file() and p.name.endswith(OUR_SUFFIXES)))
+
+
+def _remove_run(out: Path) -> None:
+  for p in out.iterdir():           # everything here is ours (checked)
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def prepare_dir(name: str, config, options: RunOptions) -> None:
+  """Creates (or checks, for --resume) the run directory.
+
+  Raises:
+    UsageError: ``--out`` is a file, cannot be created, holds something
+      that is not a run of ours (``--overwrite`` deletes only our runs),
+      nothing to resume, or a resume with other options.
+  """
   out = options.out
   config_dict = _config.as_dict(config)
-  if out.exists() and any(out.iterdir()):
-    if options.overwrite:
-      shutil.rmtree(out)
-    elif options.resume:
-      saved = json.loads((out / "config.json").read_text()) \
-          if (out / "config.json").exists() else None
-      if saved is None or saved.get("experiment") != name:
-        raise SystemExit(f"error: {out} is not a run of {name}; cannot resume")
-      if saved.get("config") != config_dict:
-        diff = sorted(k for k in set(saved["config"]) | set(config_dict)
-                      if saved["config"].get(k) != config_dict.get(k))
-        raise SystemExit(
-            f"error: cannot resume {out}: its config differs in {diff}; "
-            "use the same options (or --overwrite)")
-      return
-    else:
-      raise SystemExit(
-          f"error: {out} exists and is not empty; pass --resume to continue "
-          "it or --overwrite to replace it")
-  out.mkdir(parents=True, exist_ok=True)
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {out} is a file, not a directory; choose "
+                     "another --out")
+  occupied = out.exists() and any(out.iterdir())
+  if options.resume:
+    if not occupied:
+      raise UsageError(f"nothing to resume: {out} "
+                       f"{'is empty' if out.exists() else 'does not exist'}; "
+                       "drop --resume to start a new run there")
+    saved = run_config(out)
+    if saved is None:
+      raise UsageError(f"cannot resume {out}: its config.json is missing or "
+                       "unreadable, so it is not a run of ours")
+    if saved.get("experiment") != name:
+      raise UsageError(f"{out} is a run of {saved.get('experiment')}, not "
+                       f"{name}; cannot resume")
+    if saved.get("config") != config_dict:
+      diff = sorted(k for k in set(saved["config"]) | set(config_dict)
+                    if saved["config"].get(k) != config_dict.get(k))
+      raise UsageError(f"cannot resume {out}: its config differs in {diff}; "
+                       "use the same options (or --overwrite)")
+    return
+  if occupied:
+    if not options.overwrite:
+      raise UsageError(f"{out} exists and is not empty; pass --resume to "
+                       "continue it or --overwrite to replace it")
+    if run_config(out) is None:
+      raise UsageError(f"refusing to --overwrite {out}: it is not a run "
+                       "directory of ours (no config.json written by an "
+                       "experiment); choose another --out")
+    foreign = foreign_entries(out)
+    if foreign:
+      raise UsageError(f"refusing to --overwrite {out}: it holds files that "
+                       f"are not ours ({', '.join(foreign[:5])}"
+                       f"{', ...' if len(foreign) > 5 else ''}); move them or "
+                       "choose another --out")
+    _remove_run(out)
   import jax  # noqa: PLC0415
-  (out / "config.json").write_text(json.dumps({
+  record = json.dumps({
       "experiment": name, "config": config_dict,
       "seed": config_dict.get("seed"), "quick": options.quick,
       "fingerprint": fingerprint(config_dict), "versions": _versions(),
       "devices": [str(d) for d in jax.devices()], "argv": sys.argv[1:],
-  }, indent=2))
-
-
+  }, indent=2)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(record)
+  except OSError as e:
+    raise UsageError(f"cannot write the run directory {out}: "
+                     f"{e.strerror or e}; choose another --out") from None

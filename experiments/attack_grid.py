@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Literal
 
 import jax.numpy as jnp
 from flax import nnx
 
-from experiments import _cli, _plots, _pretrain, _runner
+from experiments import _cli, _config, _plots, _pretrain, _runner
 from immunojax import attacks, data, lora, models
+
+
+Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop",
+                    "adagrad", "adadelta"]   # immunojax.optimizers.OPTIMIZERS
+Mode = Literal["full", "head", "reinit_head", "lora"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,16 +36,30 @@ class Config:
   hidden: int = 64
   pretrain_steps: int = 600
   pretrain_lr: float = 3e-3
-  optimizers: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adam",
-                                 "adamw", "rmsprop", "adagrad", "adadelta")
+  optimizers: tuple[Optimizer, ...] = ("sgd", "momentum", "nesterov", "adam",
+                                       "adamw", "rmsprop", "adagrad",
+                                       "adadelta")
   learning_rates: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
   batch_sizes: tuple[int, ...] = (32,)
-  modes: tuple[str, ...] = ("full", "head", "reinit_head", "lora")
+  modes: tuple[Mode, ...] = ("full", "head", "reinit_head", "lora")
   steps: tuple[int, ...] = (200,)
   seeds: tuple[int, ...] = (0,)
   eval_every: int = 20
   threshold: float = 0.9
   lora_rank: int = 4
+
+  def __post_init__(self):
+    _config.require(self, positive=(
+        "hidden", "pretrain_steps", "pretrain_lr", "learning_rates",
+        "batch_sizes", "steps", "eval_every", "lora_rank", "optimizers",
+        "modes"), nonnegative=("seeds",))
+    for k in self.steps:
+      if k % self.eval_every:
+        raise ValueError(f"--steps {k} is not a multiple of --eval-every "
+                         f"{self.eval_every}")
+    if self.lora_rank > self.hidden:
+      raise ValueError(f"--lora-rank {self.lora_rank} exceeds --hidden "
+                       f"{self.hidden}")
 
 
 QUICK = {"pretrain_steps": 200, "optimizers": ("sgd", "adam"),

@@ -48,6 +48,15 @@ class Config:
   probe_steps: int = 300
   probe_lrs: tuple[float, ...] = (0.01, 0.1, 1.0)
 
+  def __post_init__(self):
+    _config.require(self, positive=(
+        "hidden", "pretrain_steps", "immunize_steps", "batch_size",
+        "learning_rate", "num_groups", "group_size", "probe_steps",
+        "probe_lrs", "methods"), nonnegative=("lambda_p", "lambda_h"))
+    if self.probe_steps % 10:
+      raise ValueError(f"--probe-steps must be a multiple of 10 (curves are "
+                       f"evaluated 10 times), got {self.probe_steps}")
+
 
 QUICK = {"pretrain_steps": 300, "immunize_steps": 300, "methods": ("cond_num",),
          "num_groups": 5, "probe_steps": 100, "probe_lrs": (0.1, 1.0)}

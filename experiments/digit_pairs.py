@@ -49,6 +49,11 @@ class Config:
   estimator: _config.Estimator = _config.estimator_option()
   normalize: bool = _config.normalize_option()
 
+  def __post_init__(self):
+    _config.require(self, positive=("epochs", "batch_size", "learning_rate",
+                                    "methods"),
+                    nonnegative=("lambda_p", "lambda_h"))
+
 
 QUICK = {"epochs": 4, "methods": ("opt_kappa", "cond_num")}
 

@@ -25,7 +25,7 @@ import optax
 
 from experiments import _cli, _config, _runner
 from immunojax import attacks, data, spectral
-from immunojax.data.house_price import load_house_price
+from immunojax.data.house_price import NUM_TRAIN, load_house_price
 from immunojax.methods import cond_num
 
 PAPER = {  # Table 1 (spec §4.1; a third-party transcription, ratios checked)
@@ -62,6 +62,14 @@ class Config:
   normalize: bool = _config.normalize_option()
   lambda_sweep: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
   linesearch_steps: int = 100
+
+  def __post_init__(self):
+    _config.require(self, positive=("epochs", "batch_size", "learning_rate",
+                                    "linesearch_steps", "methods"),
+                    nonnegative=("lambda_p", "lambda_h", "lambda_sweep"))
+    if self.batch_size > NUM_TRAIN:
+      raise ValueError(f"--batch-size {self.batch_size} exceeds the "
+                       f"{NUM_TRAIN} training items")
 
 
 QUICK = {"epochs": 30, "lambda_sweep": (10.0,), "linesearch_steps": 40}
@@ -127,10 +135,15 @@ def evaluate(theta, omega, arrays, test, cfg):
   return out, curves
 
 
-def experiment(cfg: Config, run: _runner.Run) -> dict:
+def preflight(cfg: Config) -> None:
+  """Before anything is written: the data exist and have the right schema."""
   reason = unavailable_reason(cfg.data_dir)
   if reason:
-    raise SystemExit(f"error: house_price {reason}")
+    raise ValueError(f"house_price {reason}")
+  load_house_price(cfg.data_dir)
+
+
+def experiment(cfg: Config, run: _runner.Run) -> dict:
   hp = load_house_price(cfg.data_dir)
   f64 = lambda a: jnp.asarray(a, jnp.float64)
   arrays = tuple(map(f64, (hp.xp_train, hp.yp_train, hp.xh_train, hp.yh_train)))
@@ -206,7 +219,8 @@ def _plot(run, curves, cfg):
 
 
 main = _cli.entry_point("house_price", Config, experiment, quick=QUICK,
-                        description=__doc__.splitlines()[0])
+                        description=__doc__.splitlines()[0],
+                        preflight=preflight)
 
 if __name__ == "__main__":
   raise SystemExit(main())

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments import _cli, _runner
+from experiments import _cli, _config, _runner
 from immunojax import data, spectral
 from immunojax.immunizer import supervised
 
@@ -33,6 +33,14 @@ class Config:
   batch_size: int = 128
   learning_rate: float = 1e-2
   optimizer: Literal["adam", "sgd"] = "adam"
+
+  def __post_init__(self):
+    _config.require(self, positive=("num_examples", "dim", "steps",
+                                    "batch_size", "learning_rate"),
+                    nonnegative=("noise",))
+    if self.batch_size > self.num_examples:
+      raise ValueError(f"--batch-size {self.batch_size} exceeds "
+                       f"--num-examples {self.num_examples}")
 
 
 QUICK = {"num_examples": 1024, "dim": 16, "steps": 300}

@@ -11,35 +11,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from experiments._runner import fmt
+
+HEADER = "# immunojax reproduction dashboard"
 
 
 def collect(root: Path) -> list[tuple[Path, dict]]:
   runs = []
   for path in sorted(root.rglob("summary.json")):
     try:
-      runs.append((path.parent, json.loads(path.read_text())))
-    except json.JSONDecodeError as e:
+      summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
       print(f"warning: skipping unreadable {path}: {e}")
+      continue
+    if not isinstance(summary, dict):
+      print(f"warning: skipping {path}: not a summary (a JSON object)")
+      continue
+    runs.append((path.parent, summary))
   return runs
 
 
 def render(root: Path, runs, out: Path) -> str:
-  lines = ["# immunojax reproduction dashboard", "",
+  lines = [HEADER, "",
            f"{len(runs)} run(s) found below `{root}`.", "",
            "| experiment | run | figure | ours | paper | seed | quick | wall (s) |",
            "|---|---|---|---|---|---|---|---|"]
   for run_dir, s in runs:
     rel = os.path.relpath(run_dir, out.parent)
-    figures = s.get("figures") or [{"name": "—", "ours": None, "paper": None}]
+    figures = [f for f in (s.get("figures") or []) if isinstance(f, dict)] \
+        or [{"name": "— (no figures recorded)"}]
+    wall = s.get("wall_seconds")
     for f in figures:
       lines.append(
           f"| {s.get('experiment', '?')} | [{run_dir.name}]({rel}/report.md) | "
-          f"{f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
-          f"{s.get('seed')} | {s.get('quick')} | "
-          f"{fmt(float(s.get('wall_seconds', float('nan'))))} |")
+          f"{f.get('name', '?')} | {fmt(f.get('ours'))} | "
+          f"{fmt(f.get('paper'))} | {s.get('seed')} | {s.get('quick')} | "
+          f"{fmt(float(wall)) if isinstance(wall, (int, float)) else '—'} |")
   lines += ["", "## Plots", ""]
   for run_dir, s in runs:
     pngs = sorted(run_dir.glob("*.png"))
@@ -64,6 +74,10 @@ def main(argv=None) -> int:
   if not args.results_dir.is_dir():
     p.error(f"{args.results_dir} is not a directory")
   out = args.out or args.results_dir / "README.md"
+  if out.exists() and not out.read_text(errors="replace").startswith(HEADER):
+    print(f"error: {out} exists and is not a dashboard of ours; refusing to "
+          "overwrite it (pass another --out)", file=sys.stderr)
+    return 2
   runs = collect(args.results_dir)
   out.write_text(render(args.results_dir, runs, out))
   print(f"wrote {out} ({len(runs)} runs)")

@@ -56,6 +56,15 @@ def check_symmetric(matrix, name: str = "matrix", rtol: float | None = None
         f"{rtol:.1e} x max |S| = {rtol * scale:.3e}")
 
 
+def check_float(x, name: str) -> None:
+  """Raises ValueError unless ``x`` has a floating dtype (spectra of integer
+  matrices would be computed in a silently promoted dtype)."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} has dtype {dtype}; pass a floating array "
+                     "(e.g. x.astype(jnp.float64))")
+
+
 def check_choice(value: str, choices, name: str) -> None:
   """Raises ValueError naming the option when ``value`` is not allowed."""
   if value not in choices:

@@ -136,6 +136,12 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
           f"fine-tuning loss became non-finite at step {int(bad[0])} "
           f"(value {losses[bad[0]]}); lower the learning rate or check the "
           "data")
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in
+               jax.tree_util.tree_leaves(p) if jnp.issubdtype(
+                   jnp.result_type(x), jnp.inexact)):
+      raise FloatingPointError(
+          f"fine-tuning parameters became non-finite in the last step ({k}); "
+          "lower the learning rate")
   return FinetuneResult(p, s, metrics, evals)
 
 

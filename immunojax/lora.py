@@ -68,7 +68,18 @@ def init(params: PyTree, config: LoraConfig, *, key: jax.Array) -> dict:
 
 
 def delta(adapters: dict, config: LoraConfig) -> dict:
-  """``{path: scale * A @ B}``: the dense update each adapter represents."""
+  """``{path: scale * A @ B}``: the dense update each adapter represents.
+
+  Raises:
+    ValueError: an adapter's rank is not ``config.r`` (its ``alpha / r``
+      scale would be wrong).
+  """
+  for p, ab in adapters.items():
+    r = jnp.shape(ab["a"])[-1]
+    if r != config.r or jnp.shape(ab["b"])[0] != config.r:
+      raise ValueError(f"adapter {p!r} has rank {r} but the LoraConfig says "
+                       f"r={config.r}: its scale lora_alpha / r would be "
+                       "wrong; pass the config the adapters were made with")
   return {p: config.scale * (ab["a"] @ ab["b"]) for p, ab in adapters.items()}
 
 

@@ -30,10 +30,15 @@ def house_price_dir():
   return d
 
 
-def run_module(args, *, env=None, timeout=600):
-  """Runs ``python -m ...`` in a subprocess from the repository root."""
+def run_module(args, *, env=None, timeout=600, cwd=None):
+  """Runs ``python -m ...`` in a subprocess (from the repository root, or
+  ``cwd`` with the repository on ``PYTHONPATH``)."""
   import subprocess
   full_env = dict(os.environ)
   full_env.update(env or {})
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
+  if cwd is not None:
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+  return subprocess.run([sys.executable, *args], cwd=cwd or ROOT,
+                        env=full_env, capture_output=True, text=True,
+                        timeout=timeout)

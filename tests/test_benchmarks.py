@@ -1,4 +1,4 @@
-"""Benchmark scripts run at --quick size and write their contract.
+"""Benchmark scripts run at --smoke size and write their contract.
 
 Timings are reported by the scripts, never asserted here.
 """
@@ -19,7 +19,7 @@ def test_benchmark_quick_writes_summary(tmp_path, name, keys):
   import importlib
   module = importlib.import_module(f"benchmarks.{name}")
   out = tmp_path / f"{name}.json"
-  assert module.main(["--quick", "--out", str(out)]) == 0
+  assert module.main(["--smoke", "--out", str(out)]) == 0
   payload = json.loads(out.read_text())
   for key in keys:
     assert isinstance(payload["summary"][key], float), key

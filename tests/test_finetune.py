@@ -192,11 +192,11 @@ def test_grid_runs_vmapped_and_summarizes():
           "head": {"kernel": jax.random.normal(k1, (5, 2)) * 0.1}}
   bad = {"body": {"kernel": jnp.eye(5) * 1e-3},
          "head": {"kernel": jax.random.normal(k2, (5, 2)) * 0.1}}
+  # (every mode is tested in test_attacker_modes_move_what_they_say)
   grid = attacks.grid(optimizers=("sgd", "adam"), learning_rates=(0.01, 0.1),
-                      batch_sizes=(32,), modes=("full", "head", "lora",
-                                                "reinit_head"),
+                      batch_sizes=(32,), modes=("full", "lora"),
                       steps=(40,), seeds=(0, 1))
-  assert len(grid) == 2 * 2 * 4 * 2
+  assert len(grid) == 2 * 2 * 2 * 2
   curves = attacks.run_attacks(grid, {"protected": bad, "scratch": good},
                                target, eval_every=10)
   assert curves.metric["protected"].shape == (len(grid), 5)

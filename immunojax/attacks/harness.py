@@ -84,21 +84,35 @@ def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     idx = jax.vmap(lambda t: batch_indices(data_key, n, batch_size, t))(
         jnp.arange(steps))
+    def evaluate(p):
+      finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in
+                                    jax.tree_util.tree_leaves(p)]))
+      return target.metric_fn(p), finite
+
     res = modes.adapt(attacker, params, target.loss_fn,
                       make_optimizer(optimizer, lr), take(train_data, idx),
-                      key=init_key, eval_fn=target.metric_fn,
-                      eval_every=eval_every, check_finite=False)
-    return res.evals, res.metrics["loss"][eval_every - 1::eval_every]
+                      key=init_key, eval_fn=evaluate, eval_every=eval_every,
+                      check_finite=False)
+    metric, finite = res.evals
+    # A diverged model's metric is no data point (NaN logits score as
+    # chance accuracy): NaN from the first non-finite evaluation on.
+    finite = jnp.cumprod(finite.astype(jnp.int32)).astype(bool)
+    metric = jnp.where(finite, metric, jnp.nan)
+    return metric, res.metrics["loss"][eval_every - 1::eval_every], ~finite[-1]
 
   return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
 
 
 class AttackCurves(NamedTuple):
-  """Per start point: ``metric[a, e]`` of attack ``a`` after ``steps[e]``."""
+  """Per start point: ``metric[a, e]`` of attack ``a`` after ``steps[e]``
+  (NaN once the attack has diverged), its final loss, and ``diverged[a]``:
+  the attack's parameters became NaN/Inf (a fact about the attacker, kept
+  out of every worst case)."""
   attacks: list[Attack]
   steps: dict[str, np.ndarray]
   metric: dict[str, np.ndarray]
   final_loss: dict[str, np.ndarray]
+  diverged: dict[str, np.ndarray]
 
 
 def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
@@ -120,25 +134,27 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
                        f"eval_every={eval_every}")
   longest = max(a.steps for a in attacks)
   steps_axis = np.arange(0, longest + 1, eval_every)
-  metric, final_loss, steps = {}, {}, {}
+  metric, final_loss, steps, diverged = {}, {}, {}, {}
   groups: dict[tuple, list[int]] = {}
   for i, a in enumerate(attacks):
     groups.setdefault((a.optimizer, a.batch_size, a.mode, a.steps), []).append(i)
   for name in start_points:
     metric[name] = np.full((len(attacks), len(steps_axis)), np.nan)
     final_loss[name] = np.full((len(attacks),), np.nan)
+    diverged[name] = np.zeros((len(attacks),), bool)
     steps[name] = steps_axis
   for (opt, bs, mode, k), members in groups.items():
     fn = _group_fn(target, opt, bs, mode, k, eval_every)
     lrs = jnp.asarray([attacks[i].learning_rate for i in members])
     seeds = jnp.asarray([attacks[i].seed for i in members])
     for name, params in start_points.items():
-      curves, losses = (np.asarray(a) for a in fn(lrs, seeds, params,
-                                                  target.train_data))
+      curves, losses, bad = (np.asarray(a) for a in fn(
+          lrs, seeds, params, target.train_data))
       for j, i in enumerate(members):
         metric[name][i, :curves.shape[1]] = curves[j]
         final_loss[name][i] = losses[j, -1]
-  return AttackCurves(list(attacks), steps, metric, final_loss)
+        diverged[name][i] = bool(bad[j]) or not np.isfinite(losses[j, -1])
+  return AttackCurves(list(attacks), steps, metric, final_loss, diverged)
 
 
 def summarize(curves: AttackCurves, *, threshold: float | None = None,
@@ -149,9 +165,12 @@ def summarize(curves: AttackCurves, *, threshold: float | None = None,
   Returns a JSON-able dict keyed by start point with
   ``best_metric_within_budget`` (the strongest attacker's metric using at
   most that many steps), ``best_attack`` per budget, ``steps_to_threshold``
-  (fewest steps any attacker needed; None if none did) and, when a
-  ``scratch`` start point exists, ``finetune_overhead_vs_scratch`` (SOPHON's
-  measure: steps to threshold from this start / from scratch).
+  (fewest steps any attacker needed; None if none did), ``diverged`` (the
+  labels of attacks that diverged: their curves count only up to their last
+  finite evaluation) and, when a ``scratch`` start point exists,
+  ``finetune_overhead_vs_scratch`` (SOPHON's measure: steps to threshold
+  from this start / from scratch). A budget in which every attack had
+  diverged has metric and attack None.
   """
   sign = 1.0 if higher_is_better else -1.0
   out = {}
@@ -164,9 +183,13 @@ def summarize(curves: AttackCurves, *, threshold: float | None = None,
       vals = np.where(np.isnan(m[:, cols]), -np.inf, sign * m[:, cols])
       best = np.max(vals, axis=1)
       i = int(np.argmax(best))
-      per_budget[str(b)] = {"metric": float(sign * best[i]),
-                            "attack": curves.attacks[i].label}
-    entry = {"within_budget": per_budget}
+      found = bool(np.isfinite(best[i]))
+      per_budget[str(b)] = {
+          "metric": float(sign * best[i]) if found else None,
+          "attack": curves.attacks[i].label if found else None}
+    entry = {"within_budget": per_budget,
+             "diverged": [a.label for a, d in zip(curves.attacks,
+                                                  curves.diverged[name]) if d]}
     if threshold is not None:
       reached = sign * m >= sign * threshold
       first = [int(steps[np.argmax(r)]) if r.any() else None for r in reached]

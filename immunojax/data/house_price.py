@@ -57,11 +57,54 @@ def _preprocess(frame, label: str):
   return x.astype(np.float32), y.astype(np.float32), tuple(features)
 
 
+def _numeric_cells_that_fail(col) -> list[int]:
+  """Row positions of a text column's cells that are not numbers, when
+  nearly all of its cells are (a numeric column with a bad cell)."""
+  import pandas as pd  # noqa: PLC0415
+  present = col.dropna()
+  if present.empty:
+    return []
+  parsed = pd.to_numeric(present, errors="coerce")
+  bad = parsed.isna()
+  if bad.mean() > 0.1:      # a genuine text column (e.g. MSZoning)
+    return []
+  return list(present.index[bad])
+
+
+def validate(frame, path: Path) -> None:
+  """The schema the loader relies on; raises ValueError naming the file, the
+  CSV line and the column of the first problem."""
+  missing = {"MSZoning", LABEL_P, LABEL_H} - set(frame.columns)
+  if missing:
+    raise ValueError(f"{path} lacks column(s) {sorted(missing)}")
+  for c in frame.columns:
+    col = frame[c]
+    if _is_text(col):
+      rows = _numeric_cells_that_fail(col)
+      if rows or c in (LABEL_P, LABEL_H):
+        rows = rows or list(col.index[col.notna()][:1])
+        r = rows[0]
+        raise ValueError(
+            f"{path} line {r + 2}, column {c!r}: {col[r]!r} is not a number "
+            f"(the column is numeric{'' if len(rows) == 1 else f'; {len(rows)} such cells'})")
+  for name, rows in (("D_P (MSZoning != 'RL')", frame["MSZoning"] != "RL"),
+                     ("D_H (MSZoning == 'RL')", frame["MSZoning"] == "RL")):
+    n = int(rows.sum())
+    if n < NUM_TRAIN + NUM_HELDOUT:
+      raise ValueError(
+          f"{path} has {n} rows for {name}; the task needs at least "
+          f"{NUM_TRAIN + NUM_HELDOUT} ({NUM_TRAIN} train + {NUM_HELDOUT} "
+          "held out)")
+
+
 def load_house_price(data_dir: str | Path) -> HousePrice:
   """Reads ``train.csv`` from ``data_dir`` and builds both tasks.
 
   Raises:
     FileNotFoundError: naming the missing file.
+    ValueError: the CSV does not have the schema the tasks need (missing
+      columns, a non-number in a numeric column, too few rows), naming the
+      file, line and column.
   """
   path = Path(data_dir) / "train.csv"
   if not path.exists():
@@ -69,10 +112,11 @@ def load_house_price(data_dir: str | Path) -> HousePrice:
         f"house-price data: {path} not found. Point --data-dir at the folder "
         "holding the Kaggle train.csv (e.g. ../shared/data/house_price)")
   import pandas as pd  # noqa: PLC0415
-  frame = pd.read_csv(path)
-  missing = {"MSZoning", LABEL_P, LABEL_H} - set(frame.columns)
-  if missing:
-    raise ValueError(f"{path} lacks column(s) {sorted(missing)}")
+  try:
+    frame = pd.read_csv(path)
+  except (ValueError, pd.errors.ParserError) as e:
+    raise ValueError(f"{path} is not a readable CSV ({e})") from None
+  validate(frame, path)
   d1 = frame[frame["MSZoning"] != "RL"].reset_index(drop=True)
   d2 = frame[frame["MSZoning"] == "RL"].reset_index(drop=True)
   xp, yp, names = _preprocess(d1, LABEL_P)

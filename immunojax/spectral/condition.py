@@ -143,6 +143,10 @@ def _spectrum(x, name: str, shift: float):
     raise ValueError(
         "expected a symmetric matrix (2-D) or its eigenvalues (1-D), got "
         f"shape {jnp.shape(x)}")
+  _checks.check_float(x, "input")
+  if jnp.size(x) == 0:
+    raise ValueError(f"input is empty (shape {jnp.shape(x)}): a condition "
+                     "number needs at least one eigenvalue")
   if name == "official" and jnp.result_type(x) != jnp.float64:
     raise ValueError(
         "the 'official' estimator is defined in float64 and its result "
@@ -180,10 +184,11 @@ def condition_number(x: jax.Array, *, estimator: EstimatorLike = "pinv"
   Args: as :func:`spectrum_extremes`.
 
   Returns:
-    Scalar condition number (``inf`` for the zero matrix).
+    Scalar condition number (``inf`` for the zero matrix, which has no
+    non-zero singular value: ``kappa >= 1`` always).
   """
   e = spectrum_extremes(x, estimator=estimator)
-  return e.sigma_max / e.sigma_min
+  return jnp.where(e.rank > 0, e.sigma_max / e.sigma_min, jnp.inf)
 
 
 def log_condition_number(x: jax.Array, *, estimator: EstimatorLike = "pinv"
@@ -193,7 +198,8 @@ def log_condition_number(x: jax.Array, *, estimator: EstimatorLike = "pinv"
   Args: as :func:`spectrum_extremes`.
   """
   e = spectrum_extremes(x, estimator=estimator)
-  return jnp.log(e.sigma_max) - jnp.log(e.sigma_min)
+  return jnp.where(e.rank > 0, jnp.log(e.sigma_max) - jnp.log(e.sigma_min),
+                   jnp.inf)
 
 
 def numerical_rank(x: jax.Array, *, rtol: float | None = None) -> jax.Array:

@@ -24,6 +24,15 @@ def _eigh_rayleigh(matrix: jax.Array):
   return w, v
 
 
+def _check_matrix(matrix, symmetry_rtol):
+  _checks.check_square(matrix, "matrix")
+  _checks.check_float(matrix, "matrix")
+  if jnp.shape(matrix)[0] == 0:
+    raise ValueError("matrix is 0 x 0: it has no eigenvalues")
+  _checks.check_symmetric(matrix, "matrix", symmetry_rtol)
+  _checks.check_finite(matrix, "matrix")
+
+
 def eigenvalues(matrix: jax.Array, *, symmetry_rtol: float | None = None
                 ) -> jax.Array:
   """Eigenvalues of a symmetric matrix, ascending, differentiable.
@@ -39,8 +48,7 @@ def eigenvalues(matrix: jax.Array, *, symmetry_rtol: float | None = None
   Raises:
     ValueError: non-square, non-symmetric or non-finite input.
   """
-  _checks.check_symmetric(matrix, "matrix", symmetry_rtol)
-  _checks.check_finite(matrix, "matrix")
+  _check_matrix(matrix, symmetry_rtol)
   return _eigh_rayleigh(matrix)[0]
 
 
@@ -54,6 +62,5 @@ def eigh(matrix: jax.Array, *, symmetry_rtol: float | None = None):
     ``(w, v)``: ``(D,)`` ascending eigenvalues and ``(D, D)`` eigenvectors in
     columns.
   """
-  _checks.check_symmetric(matrix, "matrix", symmetry_rtol)
-  _checks.check_finite(matrix, "matrix")
+  _check_matrix(matrix, symmetry_rtol)
   return _eigh_rayleigh(matrix)

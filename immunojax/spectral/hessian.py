@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from immunojax import _checks
+
 PyTree = Any
 Matvec = Callable[[jax.Array], jax.Array]
 
@@ -22,6 +24,10 @@ def _flat_loss(loss_fn: Callable[..., jax.Array], params: PyTree, args):
 
   def f(x):
     value = loss_fn(unravel(x), *args)
+    if isinstance(value, tuple):
+      raise ValueError(
+          "loss_fn returned a tuple (a (loss, aux) pair?); the Hessian needs "
+          "a scalar loss: pass `lambda *a: loss_fn(*a)[0]`")
     if jnp.ndim(value) != 0:
       raise ValueError(
           f"loss_fn must return a scalar, got shape {jnp.shape(value)}")
@@ -45,6 +51,7 @@ def hessian_matrix(loss_fn: Callable[..., jax.Array], params: PyTree,
     Lanczos beyond a few thousand parameters.
   """
   f, flat = _flat_loss(loss_fn, params, args)
+  _checks.check_float(flat, "params")
   return jax.hessian(f)(flat)
 
 
@@ -64,6 +71,7 @@ def hvp(loss_fn: Callable[..., jax.Array], params: PyTree, *args) -> Matvec:
     ``matvec(v) -> H v`` acting on flat vectors of shape ``(D,)``.
   """
   f, flat = _flat_loss(loss_fn, params, args)
+  _checks.check_float(flat, "params")
   _, linear = jax.linearize(jax.grad(f), flat)
   return linear
 

@@ -131,6 +131,9 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, *,
       raise ValueError(f"initial_vector must have shape ({dim},), got "
                        f"{jnp.shape(initial_vector)}")
     v0 = jnp.asarray(initial_vector, dtype)
+    if _checks.is_concrete(v0) and not bool(jnp.any(v0 != 0)):
+      raise ValueError("initial_vector is zero: a Krylov space needs a "
+                       "non-zero start vector")
   dtype = v0.dtype
   eps = float(np.finfo(dtype).eps)
   v0, _ = _unit(v0)
@@ -169,6 +172,12 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, *,
   theta, s = jnp.linalg.eigh(tri)
   residuals = jnp.abs(betas[-1] * s[-1, :])
   vectors = s.T @ basis[:k] if return_vectors else None
+  if _checks.is_concrete(alphas):
+    bad = np.flatnonzero(~np.isfinite(np.asarray(alphas) + np.asarray(betas)))
+    if bad.size:
+      raise FloatingPointError(
+          f"lanczos: the matvec returned NaN/Inf at step {int(bad[0])}; check "
+          "the operator (e.g. a diverged model's Hessian)")
   return LanczosResult(theta, residuals, alphas, betas, s[0, :], vectors)
 
 

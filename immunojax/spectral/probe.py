@@ -20,10 +20,11 @@ from immunojax.spectral.dense import eigenvalues
 
 
 def _check_features(features) -> None:
-  if jnp.ndim(features) != 2:
+  if jnp.ndim(features) != 2 or 0 in jnp.shape(features):
     raise ValueError(
-        f"features must be a 2-D (num_samples, dim) array, got shape "
-        f"{jnp.shape(features)}")
+        f"features must be a non-empty 2-D (num_samples, dim) array, got "
+        f"shape {jnp.shape(features)}")
+  _checks.check_float(features, "features")
   _checks.check_finite(features, "features")
 
 
