@@ -154,8 +154,16 @@ def as_dict(config) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-# Options shared by the experiments that report a condition number.
+# Options shared by several experiments.
 Estimator = Literal["pinv", "official"]
+
+
+def _optimizer_names():
+  from immunojax.optimizers import OPTIMIZERS  # noqa: PLC0415
+  return tuple(OPTIMIZERS)
+
+
+Optimizer = Literal[_optimizer_names()]   # immunojax.optimizers.OPTIMIZERS
 
 
 def estimator_option() -> Any:

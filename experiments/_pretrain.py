@@ -11,20 +11,24 @@ from immunojax import data, models
 from immunojax.immunizer import supervised
 
 
-def classifier(run: Run, apply, params, split: data.Split, *, steps: int,
-               lr: float, batch_size: int, seed: int, desc: str,
-               dtype=None, loop: str = "pretrain"):
-  """Adam on the cross-entropy of ``split``'s training set, as a
+def fit(run: Run, loss_fn, params, arrays, *, steps: int, lr: float,
+        batch_size: int, seed: int, desc: str, loop: str = "pretrain"):
+  """Adam on ``loss_fn(params, batch)`` over minibatches of ``arrays``, as a
   checkpointed loop of ``run``; batches from ``PRNGKey(seed)``.
 
   Returns:
     The pre-trained parameters.
   """
-  trainer = supervised(lambda p, b: models.cross_entropy(apply(p, b[0]), b[1]),
-                       optax.adam(lr))
+  trainer = supervised(loss_fn, optax.adam(lr))
   key = jax.random.PRNGKey(seed)
-  arrays = (jnp.asarray(split.x_train, dtype), jnp.asarray(split.y_train))
   state = run.fit(loop, trainer, trainer.init(params, key),
                   lambda d, t: data.minibatch(key, d, batch_size, t), arrays,
                   steps, desc=desc)
   return trainer.params(state)
+
+
+def classifier(run: Run, apply, params, split, *, dtype=None, **kwargs):
+  """:func:`fit` on the cross-entropy of ``split``'s training set."""
+  arrays = (jnp.asarray(split.x_train, dtype), jnp.asarray(split.y_train))
+  return fit(run, lambda p, b: models.cross_entropy(apply(p, b[0]), b[1]),
+             params, arrays, **kwargs)

@@ -116,6 +116,20 @@ class Run:
     with self._metrics_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
+  def records(self, loop: str) -> list[dict]:
+    """The metrics.jsonl records of one loop (every ``log_every`` steps)."""
+    if not self._metrics_path.exists():
+      return []
+    out = []
+    for line in self._metrics_path.read_text().splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if rec.get("loop") == loop:
+        out.append(rec)
+    return out
+
   def print(self, *args) -> None:
     """Status lines; always shown (``--quiet`` only hides progress bars)."""
     print(*args, flush=True)

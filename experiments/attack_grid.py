@@ -25,8 +25,6 @@ from experiments import _cli, _config, _plots, _pretrain, _runner
 from immunojax import attacks, data, lora, models
 
 
-Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop",
-                    "adagrad", "adadelta"]   # immunojax.optimizers.OPTIMIZERS
 Mode = Literal["full", "head", "reinit_head", "lora"]
 
 
@@ -36,9 +34,9 @@ class Config:
   hidden: int = 64
   pretrain_steps: int = 600
   pretrain_lr: float = 3e-3
-  optimizers: tuple[Optimizer, ...] = ("sgd", "momentum", "nesterov", "adam",
-                                       "adamw", "rmsprop", "adagrad",
-                                       "adadelta")
+  optimizers: tuple[_config.Optimizer, ...] = (
+      "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad",
+      "adadelta")
   learning_rates: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
   batch_sizes: tuple[int, ...] = (32,)
   modes: tuple[Mode, ...] = ("full", "head", "reinit_head", "lora")

@@ -24,6 +24,7 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("house_price", True),
     ("digit_pairs", False),
     ("deep_immunization", False),
+    ("sophon_digits", False),
 ]
 
 

@@ -22,6 +22,10 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "rmsprop": optax.rmsprop,
     "adagrad": optax.adagrad,
     "adadelta": optax.adadelta,
+    # SOPHON's evaluation attacker: SGD, momentum 0.9, weight decay 1e-4.
+    "momentum_wd": lambda learning_rate: optax.chain(
+        optax.add_decayed_weights(1e-4),
+        optax.sgd(learning_rate, momentum=0.9)),
 }
 
 

@@ -44,14 +44,20 @@ def test_overwrite_refuses_a_folder_that_is_not_ours(tmp_path):
   assert (user / "sub" / "data.csv").exists()
 
 
+def quad_in_process(tmp_path, *args, out="run"):
+  from experiments import quadratic
+  return quadratic.main(["--quick", "--quiet", "--out", str(tmp_path / out),
+                         *args])
+
+
 def test_overwrite_refuses_our_run_with_a_user_file_inside(tmp_path):
-  assert quad(tmp_path).returncode == 0
+  assert quad_in_process(tmp_path) == 0
   (tmp_path / "run" / "notes.txt").write_text("mine")
   msg = one_line_error(quad(tmp_path, "--overwrite"))
   assert "notes.txt" in msg
   assert (tmp_path / "run" / "notes.txt").exists()
   (tmp_path / "run" / "notes.txt").unlink()
-  assert quad(tmp_path, "--overwrite").returncode == 0      # ours only: fine
+  assert quad_in_process(tmp_path, "--overwrite") == 0      # ours only: fine
 
 
 def test_overwrite_of_the_working_directory_is_refused(tmp_path):
@@ -209,7 +215,7 @@ def test_bad_output_locations(tmp_path, case):
     msg = one_line_error(quad(tmp_path, out="file/run"))
     assert "cannot write the run directory" in msg
   else:
-    assert quad(tmp_path).returncode == 0
+    assert quad_in_process(tmp_path) == 0
     (tmp_path / "run" / "config.json").write_text("{trunc")
     msg = one_line_error(quad(tmp_path, "--resume"))
     assert "config.json is missing or unreadable" in msg
@@ -226,8 +232,8 @@ def test_malformed_config_files_name_the_line(tmp_path, name, text, needle):
                                        str(tmp_path / name)))
 
 
-def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(tmp_path):
-  assert quad(tmp_path, "--checkpoint-every", "100").returncode == 0
+def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(tmp_path, capsys):
+  assert quad_in_process(tmp_path, "--checkpoint-every", "100") == 0
   ckpts = tmp_path / "run" / "checkpoints" / "fit"
   latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   for f in (ckpts / str(latest)).rglob("*"):
@@ -239,10 +245,11 @@ def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(tmp_path):
   assert f"checkpoint step {latest} of loop 'fit' is corrupt" in msg
   assert "--fallback" in msg and len(r.stderr) < 600
   assert "Event loop is closed" not in r.stderr
-  r = quad(tmp_path, "--checkpoint-every", "100", "--resume", "--fallback")
-  assert r.returncode == 0, r.stderr
-  assert f"resumed from step {latest - 100}" in r.stdout
+  assert quad_in_process(tmp_path, "--checkpoint-every", "100", "--resume",
+                         "--fallback") == 0
+  assert f"resumed from step {latest - 100}" in capsys.readouterr().out
   assert (tmp_path / "run" / "corrupt_checkpoints" / f"fit-{latest}").is_dir()
+  assert (tmp_path / "run" / "summary.json").exists()
 
 
 def test_report_survives_summaries_with_missing_fields(tmp_path):

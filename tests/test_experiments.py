@@ -97,3 +97,29 @@ def test_estimator_option_reaches_the_method(tmp_path):
     digit_pairs.main(["--quick", "--out", str(tmp_path / "x"), "--estimator",
                       "svd"])
   assert not (tmp_path / "x").exists()
+
+
+def test_sophon_digits_quick_contract(tmp_path):
+  from experiments import sophon_digits
+  out = tmp_path / "sd"
+  assert sophon_digits.main(["--quick", "--out", str(out), "--quiet",
+                             "--loops", "40", "--env-modes",
+                             "reinit_head,head", "--env-optimizers", "sgd",
+                             "--pretrain-epochs", "10", "--epochs", "3",
+                             "--grid-optimizers", "adam", "--grid-modes",
+                             "head"]) == 0
+  s = load(out)
+  assert set(s["original_accuracy"]) == {"original", "protected"}
+  assert s["original_accuracy"]["original"] > 0.9
+  assert s["wall_seconds"] > 0
+  assert set(s["curves"]) == {"scratch", "original", "protected"}
+  assert 0 <= s["grid_worst_case"] <= 1
+  for name in ("noise_shift", "glyphs"):          # two domains at once
+    d = s["domains"][name]
+    assert set(d["curves"]) == {"scratch", "original", "protected"}
+    assert len(d["curves"]["scratch"]) == 3 + 1
+    assert d["grid_worst_case"]["protected"]["metric"] is not None
+  # the transfer check the protocol rests on: original beats scratch
+  t = s["transfer_check_epoch1"]["noise_shift"]
+  assert t["original"] > t["scratch"] + 0.2
+  assert (out / "paper_protocol.png").exists()

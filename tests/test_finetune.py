@@ -202,8 +202,12 @@ def test_grid_runs_vmapped_and_summarizes():
   assert curves.metric["protected"].shape == (len(grid), 5)
   assert np.all(np.isfinite(curves.metric["protected"]))
   s = attacks.summarize(curves, threshold=0.8)
-  assert s["scratch"]["within_budget"]["40"]["metric"] >= \
-      s["protected"]["within_budget"]["40"]["metric"]
+  for start in ("protected", "scratch"):   # the worst case is the curves' max
+    m = curves.metric[start]
+    assert s[start]["within_budget"]["40"]["metric"] == pytest.approx(
+        float(np.nanmax(m)))
+    best = grid[int(np.argmax(np.nanmax(m, axis=1)))].label
+    assert s[start]["within_budget"]["40"]["attack"] == best
   # Steps to threshold are read off the curves: the first evaluation step
   # at which any attack reaches 0.8, and the overhead is their ratio.
   first = lambda m: min((int(curves.steps["scratch"][np.argmax(r >= 0.8)])

@@ -45,3 +45,11 @@ def test_attack_grid_full(tmp_path):
   s = _run("attack_grid", tmp_path)
   assert s["num_attacks"] == 96 and s["dp_accuracy"] > 0.98
   assert s["attacks"]["pretrained"]["within_budget"]["200"]["metric"] > 0.9
+
+
+def test_sophon_digits_full(tmp_path):
+  s = _run("sophon_digits", tmp_path)
+  assert s["original_accuracy"]["original"] - \
+      s["original_accuracy"]["protected"] <= 0.03
+  for d in s["domains"].values():
+    assert d["protected_at_or_below_scratch_every_epoch"]
