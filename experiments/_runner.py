@@ -214,8 +214,8 @@ class Run:
         state, _ = self._restore(manager, latest, template, loop)
         return manager, state, int(latest)
       except CorruptCheckpoint as e:
-        manager.close()
         older = [s for s in manager.all_steps() if s < latest]
+        manager.close()
         if not self.options.fallback:
           hint = (f"; pass --fallback with --resume to set it aside and "
                   f"continue from step {max(older)}" if older else
@@ -226,6 +226,9 @@ class Run:
         shutil.move(str(self.out / "checkpoints" / loop / str(latest)),
                     str(aside))
         self.print(f"warning: {e}; moved it to {aside} and falling back")
+      except CheckpointError:
+        manager.close()
+        raise
 
   def _drop_metrics_after(self, loop: str, step: int) -> None:
     if not self._metrics_path.exists():
@@ -262,11 +265,14 @@ class Run:
     import orbax.checkpoint as ocp  # noqa: PLC0415
     start = 0
     manager = None
-    if checkpoint:
-      if not self.options.resume and self._manager(loop).latest_step() is not None:
+    if checkpoint and not self.options.resume:
+      manager = self._manager(loop)
+      if manager.latest_step() is not None:
+        manager.close()
         raise CheckpointError(
             f"{self.out} already holds checkpoints for loop {loop!r}; pass "
             "--resume to continue or --overwrite to start again")
+    elif checkpoint:
       manager, restored, latest = self._restore_latest(loop, state)
       if latest is not None:
         state, start = restored, latest
