@@ -25,6 +25,7 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("digit_pairs", False),
     ("deep_immunization", False),
     ("sophon_digits", False),
+    ("sophon_denoiser", False),
 ]
 
 
