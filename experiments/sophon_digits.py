@@ -88,10 +88,10 @@ class Config:
       raise ValueError("--batch-size must be >= 2 (support and query)")
 
 
-QUICK = {"pretrain_epochs": 20, "loops": 150, "epochs": 5,
-         "grid_optimizers": ("sgd", "adam"), "grid_lrs": (1e-2,),
-         "grid_batches": (64,), "grid_modes": ("full", "head"),
-         "grid_steps": 60}
+QUICK = {"pretrain_epochs": 10, "loops": 100, "epochs": 4,
+         "env_optimizers": ("sgd",), "grid_optimizers": ("adam",),
+         "grid_lrs": (1e-2,), "grid_batches": (64,),
+         "grid_modes": ("full", "head"), "grid_steps": 60}
 
 
 def load_domains(cfg: Config):
