@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from immunojax import models
+from immunojax import losses, models
 
 
 def block(x):
@@ -106,4 +106,4 @@ def mlp(seed: int, width: int, *, depth: int = 2, d_in: int = 64,
       activation=jax.numpy.tanh))
   dtype = dtype or jax.numpy.zeros(()).dtype
   params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
-  return (lambda p, x, y: models.cross_entropy(apply(p, x), y)), params
+  return (lambda p, x, y: losses.cross_entropy(apply(p, x), y)), params

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments._runner import jsonable
+
 
 def attack_curves(run, curves, name: str = "attack_curves", *,
                   ylabel: str = "test metric", title: str = "") -> None:
@@ -31,16 +33,11 @@ def attack_curves(run, curves, name: str = "attack_curves", *,
   run.save_figure(fig, name)
 
 
-def _finite_or_none(a: np.ndarray) -> list:
-  """JSON has no NaN/Inf: a non-finite value is written as null."""
-  return np.where(np.isfinite(a), a, None).tolist()
-
-
 def curves_json(curves) -> dict:
   """Per-attack curves as JSON-able lists (null: no finite value)."""
   return {"attacks": [a._asdict() for a in curves.attacks],
           "steps": {k: v.tolist() for k, v in curves.steps.items()},
-          "metric": {k: _finite_or_none(v) for k, v in curves.metric.items()},
-          "final_loss": {k: _finite_or_none(v)
+          "metric": {k: jsonable(v) for k, v in curves.metric.items()},
+          "final_loss": {k: jsonable(v)
                          for k, v in curves.final_loss.items()},
           "diverged": {k: v.tolist() for k, v in curves.diverged.items()}}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments._runner import Run
-from immunojax import data, models
+from immunojax import data, losses
 from immunojax.immunizer import supervised
 
 
@@ -30,5 +30,5 @@ def fit(run: Run, loss_fn, params, arrays, *, steps: int, lr: float,
 def classifier(run: Run, apply, params, split, *, dtype=None, **kwargs):
   """:func:`fit` on the cross-entropy of ``split``'s training set."""
   arrays = (jnp.asarray(split.x_train, dtype), jnp.asarray(split.y_train))
-  return fit(run, lambda p, b: models.cross_entropy(apply(p, b[0]), b[1]),
+  return fit(run, lambda p, b: losses.cross_entropy(apply(p, b[0]), b[1]),
              params, arrays, **kwargs)

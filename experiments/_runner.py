@@ -65,15 +65,16 @@ class RunOptions:
   fallback: bool = False
 
 
-def _jsonable(x):
+def jsonable(x):
+  """JSON-able copy: arrays to lists, non-finite floats to null."""
   import numpy as np  # noqa: PLC0415
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if hasattr(x, "shape") and hasattr(x, "dtype"):
     a = np.asarray(x)
-    return _jsonable(a.item() if a.ndim == 0 else a.tolist())
+    return jsonable(a.item() if a.ndim == 0 else a.tolist())
   if isinstance(x, float) and not math.isfinite(x):
     return None   # JSON has no NaN/Inf; null means "no finite value"
   return x
@@ -112,7 +113,7 @@ class Run:
   # ------------------------------------------------------------- logging
   def log(self, step: int, loop: str = "main", **metrics) -> None:
     """Appends one JSON object to metrics.jsonl."""
-    record = {"loop": loop, "step": int(step), **_jsonable(metrics)}
+    record = {"loop": loop, "step": int(step), **jsonable(metrics)}
     with self._metrics_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
@@ -144,8 +145,8 @@ class Run:
   # -------------------------------------------------------------- figures
   def figure(self, name: str, ours, paper=None, *, note: str = "") -> None:
     """Records a headline figure: goes to summary.json and report.md."""
-    self.figures.append({"name": name, "ours": _jsonable(ours),
-                         "paper": _jsonable(paper), "note": note})
+    self.figures.append({"name": name, "ours": jsonable(ours),
+                         "paper": jsonable(paper), "note": note})
 
   def plot_path(self, name: str) -> Path:
     return self.out / f"{name}.png"
@@ -338,7 +339,7 @@ class Run:
 
   # --------------------------------------------------------------- finish
   def finish(self, summary: dict) -> dict:
-    summary = dict(_jsonable(summary))
+    summary = dict(jsonable(summary))
     summary.setdefault("experiment", self.name)
     summary["seed"] = self.config_dict.get("seed")
     summary["quick"] = self.options.quick

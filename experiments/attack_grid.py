@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments import _cli, _config, _plots, _pretrain, _runner
-from immunojax import attacks, data, lora, models
+from immunojax import attacks, data, lora, losses, models
 
 
 Mode = Literal["full", "head", "reinit_head", "lora"]
@@ -81,7 +81,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
 
   xh, yh = jnp.asarray(harmful.x_test), jnp.asarray(harmful.y_test)
   target = attacks.Target(
-      loss_fn=lambda p, b: models.cross_entropy(apply(p, b[0]), b[1]),
+      loss_fn=lambda p, b: losses.cross_entropy(apply(p, b[0]), b[1]),
       metric_fn=lambda p: models.accuracy(apply(p, xh), yh),
       train_data=(jnp.asarray(harmful.x_train), jnp.asarray(harmful.y_train)),
       head=("head",),

@@ -167,7 +167,9 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                r["mean_rir"]["pinv"], PAPER_MEAN_RIR.get(method),
                note="paper: MNIST, official estimator")
     run.figure(f"{method} pairs succeeding (Def. 3.1)",
-               r["success_pairs"]["pinv"], PAPER_SUCCESS.get(method))
+               r["success_pairs"]["pinv"], PAPER_SUCCESS.get(method),
+               note="ours: sklearn digits, pinv κ, (i) > 1 and (ii) <= 1; "
+               "paper: MNIST, official estimator")
   _heatmaps(run, maps, cfg)
   return {"methods": methods, "tasks": cfg.tasks, "pairs": PAIRS,
           "paper": {"mean_rir": PAPER_MEAN_RIR, "success_pairs": PAPER_SUCCESS}}

@@ -23,7 +23,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -104,10 +103,9 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   k, b = cfg.inner_steps, cfg.batch_size
 
   def sample(d, t):
-    idx = jax.vmap(lambda s: data.batch_indices(key, d[0][0].shape[0], b, s))(
-        t * k + jnp.arange(k))
+    block = data.batch_block(key, d[0], b, t, k)
     orig = data.minibatch(jax.random.fold_in(key, 1), d[1], b, t)
-    return {"restricted": (d[0][0][idx][None], d[0][1][idx][None]),
+    return {"restricted": jax.tree_util.tree_map(lambda a: a[None], block),
             "original": jax.tree_util.tree_map(lambda a: a[None], orig)}
 
   state = run.fit("protect", imm, imm.init(pretrained, key), sample,

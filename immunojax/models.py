@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 
@@ -56,11 +55,6 @@ class MLP(nnx.Module):
 def mlp_size(sizes: Sequence[int]) -> int:
   """Number of parameters of ``MLP(sizes)`` (kernels and biases)."""
   return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -42,6 +42,16 @@ def take(tree, indices):
   return jax.tree_util.tree_map(lambda a: jnp.take(a, indices, axis=0), tree)
 
 
+def batch_block(key: jax.Array, arrays, batch_size: int, step, count: int):
+  """The ``count`` minibatches of steps ``step * count ... + count - 1``,
+  stacked: leaves of shape ``(count, batch_size, ...)`` (e.g. the ``K``
+  batches of one simulated fine-tuning run)."""
+  n = jax.tree_util.tree_leaves(arrays)[0].shape[0]
+  idx = jax.vmap(lambda s: batch_indices(key, n, batch_size, s))(
+      step * count + jnp.arange(count))
+  return take(arrays, idx)
+
+
 def minibatch(key: jax.Array, arrays, batch_size: int, step):
   """Rows :func:`batch_indices` picks at ``step``, from every array of the
   pytree ``arrays`` (leading example axis shared)."""

@@ -131,10 +131,10 @@ def official(*, shift: float = OFFICIAL_SHIFT) -> Estimator:
 
 def estimator(name: EstimatorLike = "pinv") -> Estimator:
   """An :class:`Estimator` from its name (or the estimator itself)."""
-  if isinstance(name, Estimator):
-    return name
-  _checks.check_choice(name, ESTIMATORS, "estimator")
-  return Estimator(name)
+  return name if isinstance(name, Estimator) else Estimator(name)
+
+
+_estimator_value = estimator   # shadowed by the keyword argument below
 
 
 def _spectrum(x, name: str, shift: float):
@@ -174,7 +174,7 @@ def spectrum_extremes(x: jax.Array, *, estimator: EstimatorLike = "pinv"
   Returns:
     :class:`Extremes`. ``sigma_min`` is ``inf`` for the zero matrix.
   """
-  return _as_estimator(estimator)(x)
+  return _estimator_value(estimator)(x)
 
 
 def condition_number(x: jax.Array, *, estimator: EstimatorLike = "pinv"
@@ -206,6 +206,3 @@ def numerical_rank(x: jax.Array, *, rtol: float | None = None) -> jax.Array:
   """Number of eigenvalues with ``|lambda| > rtol * max|lambda|``."""
   return pinv(rtol=rtol)(x).rank
 
-
-def _as_estimator(e: EstimatorLike) -> Estimator:
-  return e if isinstance(e, Estimator) else estimator(e)
