@@ -26,6 +26,7 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("deep_immunization", False),
     ("sophon_digits", False),
     ("sophon_denoiser", False),
+    ("gs_lora_digits", False),
 ]
 
 

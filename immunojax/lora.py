@@ -4,7 +4,9 @@ Names follow ``peft``: rank ``r``, ``lora_alpha``, ``target_modules`` (regexes
 over ``a/b/kernel`` paths). For a kernel ``W`` of shape ``(in, out)`` (Flax's
 ``x @ W`` layout) the adapted kernel is ``W + (lora_alpha / r) * A @ B`` with
 ``A: (in, r)`` Kaiming-uniform (peft's ``a=sqrt(5)``: ``U(±1/sqrt(in))``) and
-``B: (r, out)`` zero, so an adapter starts as the identity. :func:`merge` and
+``B: (r, out)`` zero, so an adapter starts as the identity. ``init_a`` sets
+another Kaiming ``a`` (bound ``sqrt(6 / ((1 + a^2) in))``; GS-LoRA's released
+code re-initialises later tasks with ``a = sqrt(50)``). :func:`merge` and
 :func:`unmerge` both use the ``lora_alpha / r`` scale (forgetting it in one of
 them is a known bug elsewhere).
 
@@ -28,6 +30,7 @@ class LoraConfig(NamedTuple):
   r: int = 8
   lora_alpha: float = 16.0
   target_modules: tuple[str, ...] = ("kernel",)
+  init_a: float | None = None   # Kaiming a; None: peft's sqrt(5)
 
   @property
   def scale(self) -> float:
@@ -60,7 +63,8 @@ def init(params: PyTree, config: LoraConfig, *, key: jax.Array) -> dict:
     if config.r > min(d_in, d_out):
       raise ValueError(f"LoRA rank {config.r} exceeds min(in, out) of {path} "
                        f"{w.shape}")
-    bound = 1.0 / jnp.sqrt(d_in)
+    bound = (1.0 / jnp.sqrt(d_in) if config.init_a is None else
+             jnp.sqrt(6.0 / ((1.0 + config.init_a ** 2) * d_in)))
     a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, config.r),
                            w.dtype, -bound, bound)
     adapters[path] = {"a": a, "b": jnp.zeros((config.r, d_out), w.dtype)}

@@ -80,3 +80,51 @@ RESTRICTED_LOSSES = {"ice_code": ice_code, "ice_paper": ice_paper,
                      "negated_cross_entropy": negated_cross_entropy,
                      "denial_of_service": denial_of_service,
                      "negated_mse": negated_mse}
+
+
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array,
+                           weights: jax.Array) -> jax.Array:
+  """Cross-entropy averaged with per-example ``weights`` (0 for padding, so a
+  ragged last batch is the mean over its real examples)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def bounded_forget(forget_ce: jax.Array, bound: float) -> jax.Array:
+  """GS-LoRA's selective forgetting ``ReLU(BND - CE_forget)``: gradient
+  ascent on the forget-set cross-entropy until it exceeds ``bound``."""
+  return jax.nn.relu(bound - forget_ce)
+
+
+def prototype_kl(embedding: jax.Array, labels: jax.Array,
+                 prototypes: jax.Array, weights: jax.Array | None = None
+                 ) -> jax.Array:
+  """``KL(softmax(p_y) || softmax(emb))`` over the feature axis, batch mean
+  (GS-LoRA++'s prototype distance, ``F.kl_div(log_softmax(emb),
+  log_softmax(proto), reduction="batchmean", log_target=True)``).
+
+  Args:
+    embedding: ``(batch, dim)`` features of the current model.
+    labels: ``(batch,)`` class of each example.
+    prototypes: ``(classes, dim)`` class-mean features.
+    weights: optional ``(batch,)`` example weights (0 for padding).
+  """
+  lp = jax.nn.log_softmax(prototypes[labels], axis=-1)
+  lq = jax.nn.log_softmax(embedding, axis=-1)
+  kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+  if weights is None:
+    return jnp.mean(kl)
+  return jnp.sum(weights * kl) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def group_norm(group, eps: float = 1e-12) -> jax.Array:
+  """``sqrt(sum ||P||^2 + eps)`` over the leaves of one group: finite
+  gradient at an all-zero group (the plain square root's is NaN)."""
+  sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(group))
+  return jnp.sqrt(sq + eps)
+
+
+def group_lasso(groups, eps: float = 1e-12) -> jax.Array:
+  """``sum_g sqrt(sum_{P in g} ||P||_F^2)``: the group-lasso (structure)
+  penalty over a sequence of pytrees, one per group, no size weighting."""
+  return sum(group_norm(g, eps) for g in groups)

@@ -59,3 +59,104 @@ def mlp_size(sizes: Sequence[int]) -> int:
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when ``key`` is None (evaluation)."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def cosface_logits(embedding: jax.Array, weight: jax.Array,
+                   labels: jax.Array | None = None, *, scale: float = 64.0,
+                   margin: float = 0.35) -> jax.Array:
+  """CosFace: ``s * (cos(emb, W_c) - m * onehot(y))``; the margin only when
+  ``labels`` are given (the GS-LoRA code passes them at evaluation too)."""
+  e = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=-1,
+                                              keepdims=True), 1e-12)
+  w = weight / jnp.maximum(jnp.linalg.norm(weight, axis=-1, keepdims=True),
+                           1e-12)
+  cos = e @ w.T
+  if labels is not None:
+    cos = cos - margin * jax.nn.one_hot(labels, w.shape[0], dtype=cos.dtype)
+  return scale * cos
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; attention scores scaled by ``dim**-0.5``
+  (the model width, as the Face Transformer does, not the head width)."""
+
+  def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
+    if dim % heads:
+      raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+    self.heads = heads
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=False, rngs=rngs)
+    self.out = nnx.Linear(dim, dim, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
+
+  def __call__(self, x, *, rate: float = 0.0, keys=(None, None, None)):
+    b, n, d = x.shape
+    q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
+    split = lambda t: t.reshape(b, n, self.heads, d // self.heads)
+    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k))
+                         * d ** -0.5, axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", att, split(v)).reshape(b, n, d)
+    x = x + dropout(self.out(o), rate, keys[0])
+    h = dropout(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False), rate,
+                keys[1])
+    return x + dropout(self.fc2(h), rate, keys[2])
+
+
+class ViT(nnx.Module):
+  """A small Vision Transformer with a CosFace head (GS-LoRA's backbone).
+
+  Square ``side x side`` single-channel images (flattened rows) are cut into
+  ``patch x patch`` patches; a learnable CLS token and positions; pre-norm
+  :class:`Block` s; the embedding is the final LayerNorm of the CLS token.
+  ``__call__(x, labels=None, *, key=None) -> (logits, embedding)``: CosFace
+  logits (margin on when labels are given); dropout only with a ``key``.
+  """
+
+  def __init__(self, *, side: int = 8, patch: int = 2, dim: int = 64,
+               depth: int = 4, heads: int = 4, mlp_dim: int = 128,
+               num_classes: int = 10, dropout_rate: float = 0.1,
+               scale: float = 64.0, margin: float = 0.35, rngs: nnx.Rngs):
+    if side % patch:
+      raise ValueError(f"image side {side} is not divisible by patch {patch}")
+    self.side, self.patch = side, patch
+    self.rate, self.scale, self.margin = dropout_rate, scale, margin
+    tokens = (side // patch) ** 2 + 1
+    self.embed = nnx.Linear(patch * patch, dim, rngs=rngs)
+    self.cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim),
+                                           jnp.float32))
+    self.pos = nnx.Param(jax.random.normal(rngs.params(), (1, tokens, dim),
+                                           jnp.float32))
+    self.blocks = nnx.List([Block(dim, heads, mlp_dim, rngs=rngs)
+                            for _ in range(depth)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Param(nnx.initializers.xavier_uniform()(
+        rngs.params(), (num_classes, dim), jnp.float32))
+
+  def features(self, x, *, key=None):
+    """The embedding: LayerNorm of the CLS token, ``(batch, dim)``."""
+    b, s, p = x.shape[0], self.side, self.patch
+    x = x.reshape(b, s // p, p, s // p, p).transpose(0, 1, 3, 2, 4)
+    x = self.embed(x.reshape(b, (s // p) ** 2, p * p))
+    x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1])),
+                         x], axis=1) + self.pos[...]
+    keys = ([None] * (1 + 3 * len(self.blocks)) if key is None else
+            list(jax.random.split(key, 1 + 3 * len(self.blocks))))
+    x = dropout(x, self.rate, keys[0])
+    for i, block in enumerate(self.blocks):
+      x = block(x, rate=self.rate, keys=keys[1 + 3 * i: 4 + 3 * i])
+    return self.norm(x[:, 0])
+
+  def __call__(self, x, labels=None, *, key=None):
+    emb = self.features(x, key=key)
+    return cosface_logits(emb, self.head[...], labels, scale=self.scale,
+                          margin=self.margin), emb

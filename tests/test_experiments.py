@@ -123,3 +123,33 @@ def test_sophon_digits_quick_contract(tmp_path):
   t = s["transfer_check_epoch1"]["noise_shift"]
   assert t["original"] > t["scratch"] + 0.2
   assert (out / "paper_protocol.png").exists()
+
+
+def test_gs_lora_digits_quick_contract(tmp_path):
+  from experiments import gs_lora_digits as g
+  out = tmp_path / "gs"
+  assert g.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  s = load(out)
+  assert s["pretrained"]["test_accuracy"] > 60     # margin-on, quick size
+  for method in g.METHODS:
+    for regime in ("ratio", "few_shot", "missing"):
+      r = s["methods"][method][regime]
+      for key in ("acc_r", "acc_f", "acc_o", "h_mean"):
+        assert len(r[key]) == 4, (method, regime, key)
+      assert r["acc_o"][0] is None and r["acc_o"][1] is not None
+      assert 0 < r["trainable_share"] <= 100 and r["wall_seconds"] > 0
+      assert ("acc_m" in r) == (regime == "missing")
+  gl = s["methods"]["gs_lora"]["ratio"]
+  assert gl["trainable_share"] < 5 and len(gl["zeroed_groups"]) == 4
+  assert len(gl["group_norms"][0]) == 2                  # quick depth 2
+  assert s["methods"]["finetune"]["ratio"]["zeroed_groups"] is None
+  assert "ratio" in s["methods"]["gs_lora_released_alpha"]
+  # the retrained model never saw the forget classes' training images
+  assert s["methods"]["retrain"]["ratio"]["acc_f"][0] <= 1.0
+  rl = s["relearning"]
+  assert set(rl["best_attack_curve"]) == {"never_saw", "original", "gs_lora",
+                                          "gs_lora_pp"}
+  assert len(rl["steps"]) == len(rl["best_attack_curve"]["gs_lora"])
+  assert all(isinstance(v, bool) or v is None for v in s["targets"].values())
+  for png in ("tasks.png", "group_norms.png", "relearning.png"):
+    assert (out / png).exists()

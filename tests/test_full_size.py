@@ -53,3 +53,15 @@ def test_sophon_digits_full(tmp_path):
       s["original_accuracy"]["protected"] <= 0.03
   for d in s["domains"].values():
     assert d["protected_at_or_below_scratch_every_epoch"]
+
+
+def test_gs_lora_digits_full(tmp_path):
+  s = _run("gs_lora_digits", tmp_path)
+  gl = s["methods"]["gs_lora"]["ratio"]
+  pre = s["pretrained"]["per_task"]
+  assert max(gl["acc_f"]) <= 1.0                 # forgotten after every task
+  assert all(a >= p["acc_r"] - 2.0 for a, p in zip(gl["acc_r"], pre))
+  assert max(gl["zeroed_groups"]) >= 2           # tuned alpha selects blocks
+  assert max(s["methods"]["gs_lora_released_alpha"]["ratio"][
+      "zeroed_groups"]) == 0                     # the released alpha does not
+  assert gl["trainable_share"] < 5.0
