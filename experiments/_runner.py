@@ -391,6 +391,13 @@ def run_report(summary: dict, out: Path) -> str:
   for f in summary.get("figures", []):
     lines.append(f"| {f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
                  f"{f.get('note', '')} |")
+  targets = summary.get("targets")
+  if isinstance(targets, dict) and targets:
+    lines += ["", "## Targets", ""] + [
+        f"- {k}: {'n/a' if v is None else 'met' if v else 'MISSED'}"
+        for k, v in targets.items()]
+  if summary.get("notes"):
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
   pngs = sorted(p.name for p in out.glob("*.png"))
   if pngs:
     lines += [""] + [f"![{p}]({p})" for p in pngs]

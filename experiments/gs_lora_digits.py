@@ -13,6 +13,21 @@ after task 1 on a few images of every class and tracks how fast the
 forgotten classes return, against a model pre-trained without them.
 
   python -m experiments.gs_lora_digits
+
+Deviations from the released code and the paper, each deliberate (also in
+every report.md):
+  * accuracy is top-1 with the CosFace margin on, as the released code
+    evaluates (the true class must win by m in cosine);
+  * alpha is re-tuned (1.0 after a 20-epoch warm-up; the released 1e-4 runs
+    beside it), and GS-LoRA++'s push term uses lambda_f 0.5 with BND_pro 1.0
+    (the released 0.01-0.06 / 18-50 are for 512-d face features);
+  * every baseline trains the same bounded forget loss as GS-LoRA on all
+    weights but the head (the paper's baselines relabel the forgotten images
+    and replay); retraining starts from a fresh model with its random
+    CosFace head frozen;
+  * ratio subsets are stratified per class (the code draws 10% of the pooled
+    split), the class order is a seeded numpy permutation, batches are padded
+    to a static size with zero weights (a ragged last batch is exact).
 """
 
 from __future__ import annotations
@@ -434,6 +449,7 @@ def run_method(cfg, run, ctx, regime, method):
       ("acc_m",) if regime == "missing" else ())
   result = {k: [r.get(k) for r in recs] for k in keys}
   result["loss"] = [r.get("loss") for r in recs]
+  result["forget_ce"] = [r.get("forget_ce") for r in recs]   # last epoch
   if family == "lora":
     result["group_norms"] = [r["group_norms"] for r in recs]
     result["zeroed_groups"] = [r["zeroed_groups"] for r in recs]
@@ -558,6 +574,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                       "released code's convention)", "regime_of_probe":
                       cfg.regimes[0]}}
   out["targets"] = targets(cfg, out)
+  out["notes"] = DEVIATIONS + findings(cfg, out)
   _figures(cfg, run, out)
   _plot_tasks(cfg, run, out)
   _plot_groups(cfg, run, out)
@@ -565,6 +582,62 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
     run.print(f"  target {k}: "
               f"{'n/a' if v is None else 'met' if v else 'MISSED'}")
   return out
+
+
+DEVIATIONS = [
+    "Deviation: accuracy is top-1 with the CosFace margin on (the released "
+    "code's convention).",
+    "Deviation: alpha re-tuned (tuned run beside the released 1e-4); "
+    "GS-LoRA++ push term lambda_f 0.5, BND_pro 1.0 (released values are for "
+    "512-d face features).",
+    "Deviation: baselines train GS-LoRA's bounded forget loss on all weights "
+    "but the head (the paper relabels forgotten images and replays); "
+    "retraining starts fresh with its random head frozen.",
+    "Deviation: stratified ratio subsets, seeded numpy class order, padded "
+    "batches with zero weights."]
+
+
+def findings(cfg, out) -> list[str]:
+  """Sentences for results that contradict the paper or a target."""
+  notes = []
+  res = out["methods"]
+  for regime in cfg.regimes:
+    gl = res.get("gs_lora", {}).get(regime)
+    if gl is None:
+      continue
+    for t, (z, f, ce) in enumerate(zip(gl["zeroed_groups"], gl["acc_f"],
+                                       gl["forget_ce"])):
+      if f > 1.0:
+        bound = cfg.bound * cfg.cosface_scale / 64.0
+        notes.append(
+            f"{regime}, task {t + 1}: GS-LoRA did not forget (Acc_f "
+            f"{f:.1f}%; last-epoch forget CE {ce:.1f} < BND {bound:g}) with "
+            f"{z} of {cfg.depth} groups zeroed: the tuned alpha held the "
+            "adapters small before the forget loss had done its work in this "
+            "task's steps (the paper reports Acc_f <= 0.1% in every task).")
+  rl = out["relearning"]["best_attack_curve"]
+  if "gs_lora" in rl and "never_saw" in rl:
+    steps = out["relearning"]["steps"]
+    faster = [(s, g, n) for s, g, n in zip(steps[1:], rl["gs_lora"][1:],
+                                           rl["never_saw"][1:])
+              if g is not None and n is not None and g > n]
+    if faster:
+      s, g, n = faster[0]
+      notes.append(
+          f"Relearning: the classes GS-LoRA forgot come back faster than a "
+          f"model that never saw them learns them (step {s}: {g:.2f} vs "
+          f"{n:.2f} test accuracy, best probe attacker): at this scale the "
+          "forgetting is partly hiding, the opposite of the target.")
+  fs = res.get("gs_lora", {}).get("few_shot")
+  fpp = res.get("gs_lora_pp", {}).get("few_shot")
+  if fs and fpp and fpp["acc_r"][0] <= fs["acc_r"][0]:
+    notes.append(
+        f"Few-shot task 1: GS-LoRA++ kept {fpp['acc_r'][0]:.2f}% retained "
+        f"accuracy against GS-LoRA's {fs['acc_r'][0]:.2f}%: the prototype "
+        "term did not raise it here (the spec's exploratory run had 92.17 vs "
+        "88.71; the paper's own few-shot block has GS-LoRA++ below GS-LoRA "
+        "on Acc_r, 68.25 vs 72.85, with far lower Acc_f).")
+  return notes
 
 
 def targets(cfg, out) -> dict:
