@@ -189,6 +189,8 @@ def test_library_refuses_or_reports_degenerate_values(case):
     ("quadratic", ["--learning-rat", "0.1"], "--learning-rat"),
     ("quadratic", ["--dim", "0"], "--dim"),
     ("quadratic", ["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    ("gs_lora_digits", ["--beta-ratio", "0.2,0.2"], "--beta-ratio"),
+    ("gs_lora_digits", ["--missing-classes", "2"], "--missing-classes"),
 ])
 def test_options_are_validated_before_anything_is_written(tmp_path, module,
                                                            args, needle):
