@@ -374,7 +374,7 @@ class Evaluator:
 
 def coefficients(cfg, method, regime, t):
   beta = (cfg.beta_few_shot if regime == "few_shot" else cfg.beta_ratio)[t]
-  lora_lr = {"lr": cfg.lr, "beta": beta,
+  lora_co = {"lr": cfg.lr, "beta": beta,
              "init_a": math.sqrt(50.0) if (t > 0 and cfg.reinit_a == "code")
              else math.sqrt(5.0),
              "alpha": cfg.alpha, "prototype_weight": 0.0,
@@ -382,11 +382,11 @@ def coefficients(cfg, method, regime, t):
   full = {"lr": cfg.baseline_lr, "beta": beta, "anchor_weight": 0.0,
           "fisher": 0.0}
   table = {
-      "gs_lora": lora_lr,
-      "gs_lora_released_alpha": {**lora_lr, "alpha": cfg.released_alpha},
-      "gs_lora_pp": {**lora_lr, "prototype_weight": cfg.prototype_weight,
+      "gs_lora": lora_co,
+      "gs_lora_released_alpha": {**lora_co, "alpha": cfg.released_alpha},
+      "gs_lora_pp": {**lora_co, "prototype_weight": cfg.prototype_weight,
                      "pull_weight": cfg.pull_weight},
-      "lora": {**lora_lr, "alpha": 0.0},
+      "lora": {**lora_co, "alpha": 0.0},
       "finetune": full,
       "l2": {**full, "anchor_weight": cfg.l2_weight},
       "ewc": {**full, "anchor_weight": cfg.ewc_weight, "fisher": 1.0},
