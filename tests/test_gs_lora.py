@@ -261,3 +261,17 @@ def test_class_prototypes_are_weighted_class_means():
   w = jnp.array([1.0, 1, 1, 1, 0, 1])
   p = gs.class_prototypes(lambda v: v, x, y, w, 4)
   np.testing.assert_allclose(p, [[1, 2], [5, 6], [10, 11], [0, 0]])
+
+
+def test_padded_batch_positions_cover_each_valid_entry_once_per_epoch():
+  from immunojax import data
+  key = jax.random.PRNGKey(0)
+  fn = jax.jit(lambda t, n: data.padded_batch_positions(
+      key, n, 12, 4, t, (n + 3) // 4))
+  for n in (12, 9, 3):                     # traced: one compilation
+    per_epoch = (n + 3) // 4
+    for epoch in range(2):
+      pos, w = zip(*[fn(epoch * per_epoch + t, n) for t in range(per_epoch)])
+      pos, w = np.concatenate(pos), np.concatenate(w)
+      assert w.sum() == n                       # the ragged tail weighs 0
+      assert sorted(pos[w > 0].tolist()) == list(range(n))

@@ -1,9 +1,11 @@
 """Data: the only I/O in the package (bundled, generated or user-given sets)."""
 
 from immunojax.data.batches import (batch_block, batch_indices, minibatch,
-                                    steps_per_epoch, take)
+                                    padded_batch_positions, steps_per_epoch,
+                                    take)
 from immunojax.data.digits import (Split, binary_digit_tasks, class_split,
                                     load_digits)
 
 __all__ = ["Split", "batch_block", "batch_indices", "binary_digit_tasks", "class_split",
-           "load_digits", "minibatch", "steps_per_epoch", "take"]
+           "load_digits", "minibatch", "padded_batch_positions", "steps_per_epoch",
+           "take"]

@@ -33,6 +33,30 @@ def batch_indices(key: jax.Array, num_examples: int, batch_size: int,
   return jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
 
 
+def padded_batch_positions(key: jax.Array, num_valid, size: int,
+                           batch_size: int, step, per_epoch):
+  """Positions and weights of batch ``step`` of a reshuffled-every-epoch
+  stream over the first ``num_valid`` of ``size`` padded entries.
+
+  Unlike :func:`batch_indices`, ``num_valid`` and ``per_epoch`` may be
+  traced (one compilation serves sets of every size up to ``size``) and an
+  epoch's last batch may be ragged: its slots past ``num_valid`` get weight 0
+  (PyTorch's loader keeps the ragged batch; weighted means make it exact).
+  Epoch ``step // per_epoch`` is a permutation drawn from
+  ``fold_in(key, epoch)``.
+
+  Returns:
+    ``(positions, weights)``: ``(batch_size,)`` int32 positions into the
+    padded array and float32 weights (1 real, 0 padding).
+  """
+  epoch, pos = step // per_epoch, step % per_epoch
+  u = jax.random.uniform(jax.random.fold_in(key, epoch), (size,))
+  perm = jnp.argsort(jnp.where(jnp.arange(size) < num_valid, u, 2.0))
+  slot = pos * batch_size + jnp.arange(batch_size)
+  return (perm[jnp.minimum(slot, size - 1)],
+          (slot < num_valid).astype(jnp.float32))
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 

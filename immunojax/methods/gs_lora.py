@@ -69,8 +69,7 @@ def groups(adapters: dict, pattern: str = BLOCK_GROUPS) -> list[dict]:
 def group_norms(adapters: dict, pattern: str = BLOCK_GROUPS) -> jax.Array:
   """``(G,)`` norms ``sqrt(sum ||P||^2)`` of the groups (plain square root:
   a report, not a loss)."""
-  return jnp.stack([jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in
-                                 jax.tree_util.tree_leaves(g)))
+  return jnp.stack([losses.group_norm(g, eps=0.0)
                     for g in groups(adapters, pattern)])
 
 
