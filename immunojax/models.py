@@ -160,3 +160,103 @@ class ViT(nnx.Module):
     emb = self.features(x, key=key)
     return cosface_logits(emb, self.head[...], labels, scale=self.scale,
                           margin=self.margin), emb
+
+
+class Attention(nnx.Module):
+  """Multi-head attention named like Stable Diffusion's ``Attention``:
+  ``to_q``, ``to_k``, ``to_v`` (no bias) and ``to_out`` (weight and bias).
+  Self-attention when ``context`` is None; cross-attention over ``context``
+  (``(batch, tokens, context_dim)``) otherwise."""
+
+  def __init__(self, dim: int, heads: int, *, context_dim: int | None = None,
+               rngs: nnx.Rngs):
+    if dim % heads:
+      raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+    kv_dim = dim if context_dim is None else context_dim
+    self.heads = heads
+    self.to_q = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
+    self.to_k = nnx.Linear(kv_dim, dim, use_bias=False, rngs=rngs)
+    self.to_v = nnx.Linear(kv_dim, dim, use_bias=False, rngs=rngs)
+    self.to_out = nnx.Linear(dim, dim, rngs=rngs)
+
+  def __call__(self, x, context=None):
+    context = x if context is None else context
+    b, n, d = x.shape
+    h = self.heads
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], h, d // h)
+    q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(
+        self.to_v(context))
+    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k)
+                         * (d // h) ** -0.5, axis=-1)
+    return self.to_out(jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, n, d))
+
+
+class DenoiserBlock(nnx.Module):
+  """``x + attn1(LN x)``, ``x + attn2(LN x, context)``, ``x + MLP(LN x)``."""
+
+  def __init__(self, dim: int, heads: int, context_dim: int, *,
+               rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn1 = Attention(dim, heads, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn2 = Attention(dim, heads, context_dim=context_dim, rngs=rngs)
+    self.norm3 = nnx.LayerNorm(dim, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, 4 * dim, rngs=rngs)
+    self.fc2 = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+  def __call__(self, x, context):
+    x = x + self.attn1(self.norm1(x))
+    x = x + self.attn2(self.norm2(x), context)
+    return x + self.fc2(jax.nn.gelu(self.fc1(self.norm3(x))))
+
+
+def timestep_embedding(t: jax.Array, dim: int,
+                       max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding of (integer or real) timesteps: ``(batch, dim)``."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half) / half)
+  angle = jnp.asarray(t, jnp.float32)[:, None] * freqs
+  return jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)
+
+
+class ConditionalDenoiser(nnx.Module):
+  """A tiny text-conditioned noise predictor (a stand-in for SD's UNet).
+
+  Square ``side x side`` single-channel images (flattened rows) become
+  ``(side / patch)**2`` patch tokens of width ``dim`` plus learned positions;
+  a sinusoidal timestep embedding goes through an MLP and is added to every
+  token; ``depth`` :class:`DenoiserBlock` s (self-attention ``attn1``,
+  cross-attention ``attn2`` over the prompt embedding, MLP); a final
+  LayerNorm and a linear ``head`` back to pixels.
+  ``__call__(x_t, t, context) -> eps_hat`` with ``x_t: (batch, side**2)``,
+  ``t: (batch,)`` and ``context: (batch, tokens, context_dim)``.
+  """
+
+  def __init__(self, *, side: int = 8, patch: int = 2, dim: int = 64,
+               context_dim: int = 32, depth: int = 2, heads: int = 4,
+               rngs: nnx.Rngs):
+    if side % patch:
+      raise ValueError(f"image side {side} is not divisible by patch {patch}")
+    self.side, self.patch, self.dim = side, patch, dim
+    tokens = (side // patch) ** 2
+    self.embed = nnx.Linear(patch * patch, dim, rngs=rngs)
+    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(),
+                                                  (1, tokens, dim)))
+    self.time1 = nnx.Linear(dim, dim, rngs=rngs)
+    self.time2 = nnx.Linear(dim, dim, rngs=rngs)
+    self.blocks = nnx.List([DenoiserBlock(dim, heads, context_dim, rngs=rngs)
+                            for _ in range(depth)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, patch * patch, rngs=rngs)
+
+  def __call__(self, x, t, context):
+    b, s, p = x.shape[0], self.side, self.patch
+    g = s // p
+    h = x.reshape(b, g, p, g, p).transpose(0, 1, 3, 2, 4).reshape(b, g * g,
+                                                                  p * p)
+    temb = self.time2(jax.nn.silu(self.time1(timestep_embedding(t, self.dim))))
+    h = self.embed(h) + self.pos[...] + temb[:, None, :]
+    for block in self.blocks:
+      h = block(h, context)
+    out = self.head(self.norm(h)).reshape(b, g, g, p, p)
+    return out.transpose(0, 1, 3, 2, 4).reshape(b, s * s)

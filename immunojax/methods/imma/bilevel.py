@@ -1,0 +1,248 @@
+"""IMMA and MIMA: immunization against adaptation as a bilevel program.
+
+Upper level: raise the adaptation loss ``L`` on the immunized parameters
+``S^u``. Lower level: the attacker's adaptation, one per concept, on its
+parameter set ``S^l``; MIMA fuses the concept copies with a
+:class:`~immunojax.methods.imma.merge.Merge` before the upper loss::
+
+  max_{theta in S^u}  sum_n L(x^u_n; Merge({theta'_n}))  [- lam L(prior)]
+  s.t. theta'_n = argmin_{theta in S^l} L(x^l_n; theta)
+
+Two ways to approximate it (spec ``imma_mima.md`` §2.2 and §2.4):
+
+* ``"unrolled"`` (the paper's Algorithm 1, default): each update copies
+  ``theta``, runs ``K`` plain-SGD steps of the lower level per concept with
+  the core's :func:`~immunojax.modes.adapt` (vmapped over concepts), merges
+  the copies, and differentiates the upper loss through the merge and the
+  inner steps (second order; ``first_order=True`` stops the inner
+  gradients, FOMAML-style). Only ``S^u`` is written back.
+* ``"alternating"`` (the released scripts): persistent, first order. Each
+  update takes ``K`` lower steps on the *live* model (the merged leaves get
+  ``Merge(theta, {theta - alpha g_n})``, the rest of ``S^l`` one
+  ``inner_optimizer`` step with the concept-mean gradient), then one upper
+  step on the live model. :func:`released` is the base model with ``S^u``
+  from the live one (what the IMMA scripts save).
+
+IMMA is MIMA with one concept and no merge (:func:`imma`); ``max`` (IMMA's
+``--max``) ascends the loss with no lower level (:func:`max_ascent`).
+
+Batches: ``update(state, batch, key)`` takes ``batch = {"lower": L,
+"upper": U}`` and optionally ``"prior"``: ``L`` leaves ``(N, K, ...)`` (N
+concepts, K inner steps, each step one batch for ``loss_fn``), ``U`` leaves
+``(N, ...)``, ``prior`` one batch (utility, e.g. non-target data) whose loss
+is *descended* with weight ``prior_weight``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from immunojax import _checks, masks, modes
+from immunojax.immunizer import Immunizer, descend
+from immunojax.methods.imma.merge import Merge, single
+
+PyTree = Any
+SCHEMES = ("unrolled", "alternating")
+Scheme = Literal["unrolled", "alternating"]
+
+
+def _upper_loss(loss_fn, params, batch, prior_weight):
+  """``-mean_n L(upper_n) + prior_weight * L(prior)`` and its parts."""
+  inst = jnp.mean(jax.vmap(lambda b: loss_fn(params, b))(batch["upper"]))
+  total = -inst
+  metrics = {"upper_loss": inst}
+  if "prior" in batch:
+    prior = loss_fn(params, batch["prior"])
+    total = total + prior_weight * prior
+    metrics["prior_loss"] = prior
+  return total, metrics
+
+
+def max_ascent(loss_fn: Callable[[PyTree, Any], jax.Array], *,
+               upper, optimizer: optax.GradientTransformation,
+               prior_weight: float = 1.0,
+               axis_name: str | None = None) -> Immunizer:
+  """Direct maximisation (IMMA's ``--max`` baseline): ascend the concept
+  loss on ``S^u`` with no simulated attacker. Uses ``batch["upper"]`` (and
+  ``"prior"``); a ``"lower"`` entry is ignored.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (the adaptation loss).
+    upper: ``S^u``: a bool mask or regex pattern(s).
+    optimizer: the upper optimizer (as released: clip 1.0 then AdamW).
+    prior_weight: weight of the descended prior loss.
+    axis_name: average gradients over this named axis.
+  """
+  def direction(params, batch, key):
+    del key
+    (_, metrics), g = jax.value_and_grad(
+        lambda p: _upper_loss(loss_fn, p, batch, prior_weight),
+        has_aux=True)(params)
+    return g, metrics
+
+  return descend(direction, optimizer, trainable=upper, axis_name=axis_name)
+
+
+class AlternatingState(NamedTuple):
+  """The released scheme's state: the frozen base, the live model both
+  levels move, and the two optimizer states."""
+  base: PyTree
+  params: PyTree
+  inner_state: PyTree
+  upper_state: PyTree
+
+
+def released(state: AlternatingState, upper_mask: PyTree) -> PyTree:
+  """The base model with the ``S^u`` leaves of the live one."""
+  return jax.tree_util.tree_map(lambda m, b, p: p if m else b, upper_mask,
+                                state.base, state.params)
+
+
+def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
+         upper, lower: modes.AttackerMode, inner_lr: float,
+         optimizer: optax.GradientTransformation,
+         inner_optimizer: optax.GradientTransformation | None = None,
+         scheme: Scheme = "unrolled", first_order: bool = False,
+         prior_weight: float = 1.0, remat: bool | str = False,
+         axis_name: str | None = None) -> Immunizer:
+  """MIMA (or IMMA with ``merge=single()``) as an Immunizer.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``: the adaptation loss (the
+      epsilon-prediction MSE), used by both levels.
+    merge: how the per-concept copies become one model.
+    upper: ``S^u``, a bool mask or regex pattern(s) over parameter paths.
+    lower: the simulated attacker's :class:`~immunojax.modes.AttackerMode`
+      (``S^l``); ``"alternating"`` needs one that moves the parameters
+      themselves (``full`` / ``masked`` / ``head``), not adapters.
+    inner_lr: ``alpha``, the lower level's SGD step (both schemes use it for
+      the copies the merge sees).
+    optimizer: the upper optimizer on ``S^u`` (as released: clip 1.0, AdamW
+      with weight decay 1e-2).
+    inner_optimizer: ``"alternating"`` only: the persistent optimizer of the
+      unmerged ``S^l`` leaves (default AdamW(inner_lr, wd 1e-2), as
+      released).
+    scheme: ``"unrolled"`` (the paper) or ``"alternating"`` (the code).
+    first_order: ``"unrolled"`` only: stop gradients through the inner
+      gradients.
+    prior_weight: weight of the descended prior loss (0: the paper's pure
+      objective).
+    remat: passed to the inner fine-tuning (``"unrolled"``).
+    axis_name: average gradients over this named axis.
+  """
+  _checks.check_choice(scheme, SCHEMES, "scheme")
+  if not inner_lr >= 0:
+    raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+  if scheme == "unrolled":
+    return _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer,
+                     first_order, prior_weight, remat, axis_name)
+  if lower.name not in ("full", "masked", "head"):
+    raise ValueError(f"scheme 'alternating' moves the live parameters; lower "
+                     f"mode {lower.name!r} trains separate adapters (use "
+                     "scheme 'unrolled', or a masked lower level)")
+  if first_order is not False or remat is not False:
+    raise ValueError("first_order and remat apply to scheme 'unrolled' only "
+                     "(the alternating scheme is first order)")
+  return _alternating(loss_fn, merge, upper, lower, inner_lr,
+                      optimizer, inner_optimizer or optax.adamw(
+                          inner_lr, weight_decay=1e-2), prior_weight,
+                      axis_name)
+
+
+def imma(loss_fn: Callable[[PyTree, Any], jax.Array], **options
+         ) -> Immunizer:
+  """IMMA: :func:`mima` with one concept and no merge (``batch["lower"]``
+  and ``batch["upper"]`` have a leading axis of 1). For several concepts
+  pooled into one lower level (the ``imma_joint`` baseline), sample each
+  batch from the union of their data."""
+  if "merge" in options:
+    raise ValueError("imma takes no merge (it is mima with merge=single())")
+  return mima(loss_fn, merge=single(), **options)
+
+
+def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
+              prior_weight, remat, axis_name):
+  inner = optax.sgd(inner_lr)
+
+  def direction(params, batch, key):
+    n = jax.tree_util.tree_leaves(batch["lower"])[0].shape[0]
+
+    def objective(p):
+      def adapt_one(b, k):
+        return modes.adapt(lower, p, loss_fn, inner, b, key=k,
+                           first_order=first_order, remat=remat,
+                           check_finite=False)
+      res = jax.vmap(adapt_one)(batch["lower"], jax.random.split(key, n))
+      merged = merge.apply(p, res.params)
+      total, metrics = _upper_loss(loss_fn, merged, batch, prior_weight)
+      return total, {"inner_loss": jnp.mean(res.metrics["loss"]), **metrics}
+
+    (_, metrics), g = jax.value_and_grad(objective, has_aux=True)(params)
+    return g, metrics
+
+  return descend(direction, optimizer, trainable=upper, axis_name=axis_name)
+
+
+def _alternating(loss_fn, merge, upper, lower, inner_lr, optimizer,
+                 inner_optimizer, prior_weight, axis_name):
+  def sets(params):
+    lower_mask = lower.prepare(params, jax.random.PRNGKey(0)).mask
+    if lower_mask is None:
+      lower_mask = jax.tree_util.tree_map(lambda _: True, params)
+    merged = (masks.mask_from_patterns(params, merge.merged) if merge.merged
+              else jax.tree_util.tree_map(lambda _: False, params))
+    rest = jax.tree_util.tree_map(lambda l, m: l and not m, lower_mask,
+                                  merged)
+    merged = jax.tree_util.tree_map(lambda l, m: l and m, lower_mask, merged)
+    return masks.resolve(upper, params), merged, rest
+
+  def init(params, key):
+    del key
+    upper_mask, _, rest = sets(params)
+    return AlternatingState(params, params,
+                            masks.only(inner_optimizer, rest).init(params),
+                            masks.only(optimizer, upper_mask).init(params))
+
+  def update(state, batch, key):
+    del key
+    upper_mask, merged_mask, rest = sets(state.params)
+    inner = masks.only(inner_optimizer, rest)
+    outer = masks.only(optimizer, upper_mask)
+
+    def lower_step(carry, b):              # b: leaves (N, ...)
+      p, s = carry
+      losses, g = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
+          p, b)
+      if axis_name is not None:
+        g, losses = jax.lax.pmean((g, losses), axis_name)
+      copies = jax.tree_util.tree_map(lambda w, gn: w[None] - inner_lr * gn,
+                                      p, g)
+      fused = merge.apply(p, copies)
+      p = jax.tree_util.tree_map(lambda m, w, f: f if m else w, merged_mask,
+                                 p, fused)
+      u, s = inner.update(jax.tree_util.tree_map(
+          lambda gn: jnp.mean(gn, axis=0), g), s, p)
+      return (optax.apply_updates(p, u), s), jnp.mean(losses)
+
+    steps_first = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1),
+                                         batch["lower"])
+    (params, inner_state), inner_losses = jax.lax.scan(
+        lower_step, (state.params, state.inner_state), steps_first)
+    (_, metrics), g = jax.value_and_grad(
+        lambda p: _upper_loss(loss_fn, p, batch, prior_weight),
+        has_aux=True)(params)
+    if axis_name is not None:
+      g, metrics = jax.lax.pmean((g, metrics), axis_name)
+    u, upper_state = outer.update(g, state.upper_state, params)
+    params = optax.apply_updates(params, u)
+    return (AlternatingState(state.base, params, inner_state, upper_state),
+            {"inner_loss": jnp.mean(inner_losses), **metrics})
+
+  def params_of(state):
+    return released(state, masks.resolve(upper, state.params))
+
+  return Immunizer(init, update, params_of)

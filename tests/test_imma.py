@@ -1,0 +1,298 @@
+"""IMMA / MIMA: the Merge layer phi*, UCE erasure, the bilevel schemes and
+the toy denoiser (spec imma_mima.md §4.7)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+from immunojax import diffusion, models, modes
+from immunojax.data import prompts
+from immunojax.methods import imma
+
+KV = imma.KV_KERNELS
+
+
+def merge_problem(seed, n=3, t=2, d=8, d_out=5, m=40):
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  return (jax.random.normal(k[0], (d, d_out)),
+          jax.random.normal(k[1], (n, d, d_out)),
+          jax.random.normal(k[2], (n, t, d)),
+          jax.random.normal(k[3], (m, d)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phi_star_meets_constraints_and_minimises(seed):
+  k0, ks, keys, reg = merge_problem(seed)
+  merged = imma.phi_star(k0, ks, keys, reg)
+  for n in range(ks.shape[0]):        # each concept's keys -> its values
+    np.testing.assert_allclose(keys[n] @ merged, keys[n] @ ks[n], atol=1e-10)
+  same = imma.phi_star(k0, jnp.stack([k0] * 3), keys, reg)
+  np.testing.assert_allclose(same, k0, atol=1e-12)
+  # Among feasible kernels (C dK = C (K_n - K0) rows), phi* has the smallest
+  # || C_reg (K - K0) ||: add a random null-space direction of C.
+  c = keys.reshape(-1, keys.shape[-1])
+  null = np.linalg.svd(np.asarray(c))[2][c.shape[0]:]     # (d - Nt, d)
+  obj = lambda kk: float(jnp.sum((reg @ (kk - k0)) ** 2))
+  for i in range(5):
+    z = jax.random.normal(jax.random.PRNGKey(100 + i), (null.shape[0],
+                                                         k0.shape[1]))
+    other = merged + 0.1 * null.T @ z
+    np.testing.assert_allclose(c @ other, c @ merged, atol=1e-10)
+    assert obj(other) > obj(merged)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_phi_star_gradient_matches_finite_differences(seed):
+  k0, ks, keys, reg = merge_problem(seed, d=6, d_out=3, m=20)
+  w = jax.random.normal(jax.random.PRNGKey(seed + 9), (6, 3))
+  f = lambda a, b: jnp.sum(w * jnp.tanh(imma.phi_star(a, b, keys, reg,
+                                                      ridge=0.1)))
+  check_grads(f, (k0, ks), order=2, modes=("rev",), eps=1e-4)
+
+
+def test_merge_rejects_ill_posed_keys():
+  _, _, keys, reg = merge_problem(0)
+  with pytest.raises(ValueError, match="singular"):
+    imma.concept_merge(keys=keys, reg_keys=reg[:3])
+  with pytest.raises(ValueError, match="linearly dependent"):
+    imma.concept_merge(keys=jnp.stack([keys[0], keys[0]]), reg_keys=reg)
+  with pytest.raises(ValueError, match="exceed"):
+    imma.concept_merge(keys=jnp.ones((5, 2, 8)), reg_keys=reg)
+  with pytest.raises(ValueError, match="NaN"):
+    imma.concept_merge(keys=keys.at[0, 0, 0].set(jnp.nan), reg_keys=reg)
+
+
+def test_concept_merge_on_a_pytree():
+  k0, ks, keys, reg = merge_problem(3)
+  base = {"attn2": {"to_k": {"kernel": k0}, "to_q": {"kernel": k0}}}
+  adapted = {"attn2": {"to_k": {"kernel": ks}, "to_q": {"kernel": ks}}}
+  out = imma.concept_merge(keys=keys, reg_keys=reg).apply(base, adapted)
+  np.testing.assert_allclose(out["attn2"]["to_k"]["kernel"],
+                             imma.phi_star(k0, ks, keys, reg))
+  np.testing.assert_allclose(out["attn2"]["to_q"]["kernel"], ks.mean(0))
+  avg = imma.average_merge().apply(base, adapted)
+  np.testing.assert_allclose(avg["attn2"]["to_k"]["kernel"], ks.mean(0))
+  with pytest.raises(ValueError, match="one concept"):
+    imma.single().apply(base, adapted)
+
+
+def test_uce_erases_and_preserves():
+  k = jax.random.split(jax.random.PRNGKey(4), 4)
+  d = 16
+  w0 = jax.random.normal(k[0], (d, 12))
+  erase, guide = jax.random.normal(k[1], (2, d)), jax.random.normal(k[2], (2, d))
+  keep = jax.random.normal(k[3], (6, d))
+  w = imma.uce_kernel(w0, erase, guide, keep, lam=1e-4, erase_scale=1.0,
+                      preserve_scale=1.0)
+  np.testing.assert_allclose(erase @ w, guide @ w0, atol=1e-3)
+  np.testing.assert_allclose(keep @ w, keep @ w0, atol=1e-3)
+  # the released weights (lam 0.5) move erase keys most of the way there
+  w = imma.uce_kernel(w0, erase, guide, keep)
+  before = jnp.linalg.norm(erase @ w0 - guide @ w0)
+  assert jnp.linalg.norm(erase @ w - guide @ w0) < 0.3 * before
+
+
+# ----------------------------------------------------- bilevel schemes
+def toy(seed=0):
+  """A linear 'denoiser' with named attention-like kernels."""
+  k = jax.random.split(jax.random.PRNGKey(seed), 3)
+  params = {"attn2": {"to_k": {"kernel": 0.3 * jax.random.normal(k[0], (4, 3))},
+                      "to_q": {"kernel": 0.3 * jax.random.normal(k[1], (3, 3))}},
+            "other": {"kernel": 0.3 * jax.random.normal(k[2], (3, 3))}}
+
+  def loss(p, b):
+    x, c, y = b
+    h = jnp.tanh(c @ p["attn2"]["to_k"]["kernel"]) * (
+        x @ p["attn2"]["to_q"]["kernel"])
+    return jnp.mean((h @ p["other"]["kernel"] - y) ** 2)
+  return params, loss
+
+
+def toy_batch(seed, n, k=1, b=5):
+  r = jax.random.split(jax.random.PRNGKey(seed), 6)
+  def one(i, lead):
+    return (jax.random.normal(r[i], lead + (b, 3)),
+            jax.random.normal(r[i + 1], lead + (b, 4)),
+            jax.random.normal(r[i + 2], lead + (b, 3)))
+  lower, upper = one(0, (n, k)), one(3, (n,))
+  prior = jax.tree_util.tree_map(lambda a: a[0], one(1, (1,)))
+  return {"lower": lower, "upper": upper, "prior": prior}
+
+
+def first_update(imm, params, batch):
+  state = imm.init(params, jax.random.PRNGKey(0))
+  state, metrics = jax.jit(imm.update)(state, batch, jax.random.PRNGKey(1))
+  return imm.params(state), metrics
+
+
+UPPER = (r"attn2/",)
+
+
+def test_zero_inner_lr_reduces_mima_to_direct_maximisation():
+  params, loss = toy()
+  _, _, keys, reg = merge_problem(0, n=2, t=1, d=4, m=12)
+  batch = toy_batch(1, 2)
+  opt = optax.sgd(0.1)
+  merged = imma.concept_merge(keys=keys, reg_keys=reg,
+                              merged=(r"attn2/to_k/kernel",))
+  got, m = first_update(imma.mima(loss, merge=merged, upper=UPPER,
+                                  lower=modes.full(), inner_lr=0.0,
+                                  optimizer=opt), params, batch)
+  want, _ = first_update(imma.max_ascent(loss, upper=UPPER, optimizer=opt),
+                         params, batch)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, atol=1e-12), got, want)
+  assert not np.allclose(got["attn2"]["to_q"]["kernel"],
+                         params["attn2"]["to_q"]["kernel"])
+  np.testing.assert_array_equal(got["other"]["kernel"],     # not in S^u
+                                params["other"]["kernel"])
+  assert set(m) == {"inner_loss", "upper_loss", "prior_loss"}
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_imma_unrolled_is_the_one_step_hypergradient(seed, first_order):
+  """One concept, Merge = identity: the update is SGD on the hand-written
+  hypergradient of -L(x_u; theta - alpha grad L(x_l; theta)) + L(prior)."""
+  params, loss = toy(seed)
+  batch = toy_batch(seed + 5, 1)
+  alpha, eta = 0.3, 0.05
+  got, _ = first_update(imma.imma(loss, upper=UPPER, lower=modes.full(),
+                                  inner_lr=alpha, optimizer=optax.sgd(eta),
+                                  first_order=first_order), params, batch)
+  low = jax.tree_util.tree_map(lambda a: a[0, 0], batch["lower"])
+  up = jax.tree_util.tree_map(lambda a: a[0], batch["upper"])
+
+  def objective(p):
+    g = jax.grad(loss)(p, low)
+    if first_order:
+      g = jax.lax.stop_gradient(g)
+    q = jax.tree_util.tree_map(lambda w, gw: w - alpha * gw, p, g)
+    return -loss(q, up) + loss(q, batch["prior"])
+  g = jax.grad(objective)(params)
+  for path in (("attn2", "to_k"), ("attn2", "to_q")):
+    want = params[path[0]][path[1]]["kernel"] - eta * g[path[0]][path[1]]["kernel"]
+    np.testing.assert_allclose(got[path[0]][path[1]]["kernel"], want,
+                               rtol=1e-9, atol=1e-12)
+  if not first_order:      # stop_gradient makes it no derivative
+    check_grads(objective, (params,), order=1, modes=("rev",), eps=1e-5)
+
+
+def test_mima_hypergradient_matches_finite_differences():
+  params, loss = toy(3)
+  _, _, keys, reg = merge_problem(2, n=2, t=1, d=4, m=12)
+  batch = toy_batch(9, 2, k=2)
+  merged = imma.concept_merge(keys=keys, reg_keys=reg,
+                              merged=(r"attn2/to_k/kernel",))
+  imm = imma.mima(loss, merge=merged, upper=UPPER, lower=modes.full(),
+                  inner_lr=0.2, optimizer=optax.sgd(1.0))
+  # sgd(1) from theta: the update is minus the (masked) hypergradient
+  got, _ = first_update(imm, params, batch)
+  direction = jax.tree_util.tree_map(lambda a, b: a - b, got, params)
+
+  def objective(p):
+    copies = jax.vmap(lambda b: modes.adapt(
+        modes.full(), p, loss, optax.sgd(0.2), b, key=jax.random.PRNGKey(0),
+        check_finite=False).params)(batch["lower"])
+    q = merged.apply(p, copies)
+    return (-jnp.mean(jax.vmap(lambda b: loss(q, b))(batch["upper"]))
+            + loss(q, batch["prior"]))
+  eps = 1e-6
+  rng = np.random.default_rng(0)
+  for path in (("attn2", "to_k"), ("attn2", "to_q")):
+    v = rng.normal(size=params[path[0]][path[1]]["kernel"].shape)
+    def shifted(s):
+      p = jax.tree_util.tree_map(lambda a: a, params)
+      p[path[0]][path[1]] = {"kernel": p[path[0]][path[1]]["kernel"] + s * v}
+      return objective(p)
+    fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+    ours = -float(jnp.sum(direction[path[0]][path[1]]["kernel"] * v))
+    np.testing.assert_allclose(ours, fd, rtol=1e-6)
+
+
+def test_alternating_persists_the_lower_level_and_releases_only_s_u():
+  params, loss = toy(4)
+  _, _, keys, reg = merge_problem(5, n=2, t=1, d=4, m=12)
+  merged = imma.concept_merge(keys=keys, reg_keys=reg,
+                              merged=(r"attn2/to_k/kernel",))
+  imm = imma.mima(loss, merge=merged, upper=(r"attn2/to_q",),
+                  lower=modes.full(), inner_lr=0.1, optimizer=optax.sgd(0.1),
+                  scheme="alternating")
+  state = imm.init(params, jax.random.PRNGKey(0))
+  batch = toy_batch(2, 2, k=1)
+  state, _ = jax.jit(imm.update)(state, batch, jax.random.PRNGKey(1))
+  live = state.params
+  # the live key kernel is phi*(theta, theta - alpha g_n): it answers each
+  # concept's key as that concept's SGD copy does
+  g = jax.vmap(jax.grad(loss), in_axes=(None, 0))(
+      params, jax.tree_util.tree_map(lambda a: a[:, 0], batch["lower"]))
+  kk = params["attn2"]["to_k"]["kernel"]
+  for n in range(2):
+    np.testing.assert_allclose(
+        keys[n] @ live["attn2"]["to_k"]["kernel"],
+        keys[n] @ (kk - 0.1 * g["attn2"]["to_k"]["kernel"][n]), atol=1e-10)
+  assert not np.allclose(live["other"]["kernel"], params["other"]["kernel"])
+  out = imm.params(state)          # released: base + S^u from the live model
+  np.testing.assert_array_equal(out["other"]["kernel"], params["other"]["kernel"])
+  np.testing.assert_array_equal(out["attn2"]["to_k"]["kernel"], kk)
+  np.testing.assert_array_equal(out["attn2"]["to_q"]["kernel"],
+                                live["attn2"]["to_q"]["kernel"])
+
+
+def test_bad_options_are_named():
+  params, loss = toy()
+  with pytest.raises(ValueError, match="scheme"):
+    imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=0.1,
+              optimizer=optax.sgd(1), scheme="paper")
+  with pytest.raises(ValueError, match="adapters"):
+    from immunojax import lora
+    imma.imma(loss, upper=UPPER, lower=modes.lora(lora.LoraConfig(r=1)),
+              inner_lr=0.1, optimizer=optax.sgd(1), scheme="alternating")
+  with pytest.raises(ValueError, match="inner_lr"):
+    imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=-1.0,
+              optimizer=optax.sgd(1))
+
+
+# ------------------------------------------------ denoiser and sampler
+def test_denoiser_names_and_shapes():
+  model = models.ConditionalDenoiser(dim=16, context_dim=8, depth=1, heads=2,
+                                     rngs=nnx.Rngs(0))
+  apply, params = models.functional(model)
+  b0 = params["blocks"][0]
+  assert set(b0["attn2"]) == {"to_q", "to_k", "to_v", "to_out"}
+  assert b0["attn2"]["to_k"]["kernel"].shape == (8, 16)
+  assert "bias" not in b0["attn2"]["to_k"] and "bias" in b0["attn2"]["to_out"]
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 64))
+  ctx = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8))
+  out = apply(params, x, jnp.array([0, 5, 199]), ctx)
+  assert out.shape == (3, 64)
+  # the prompt reaches the output only through attn2's keys and values
+  other = apply(params, x, jnp.array([0, 5, 199]), ctx + 1.0)
+  assert not np.allclose(out, other)
+
+
+def test_ddim_recovers_the_data_point_with_the_ideal_predictor():
+  ab = diffusion.schedule(200)
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(-0.9, 0.9, (4, 6)))
+  ideal = lambda x, t: (x - jnp.sqrt(ab[t])[:, None] * x0) / jnp.sqrt(
+      1.0 - ab[t])[:, None]
+  noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
+  np.testing.assert_allclose(diffusion.ddim_sample(ideal, noise, ab, steps=20),
+                             x0, atol=1e-6)
+  with pytest.raises(ValueError, match="steps"):
+    diffusion.ddim_sample(ideal, noise, ab, steps=0)
+
+
+def test_prompts_and_placeholder_rows():
+  vocab = prompts.digit_vocabulary(8)
+  enc = prompts.text_encoder(vocab, dim=4, seed=0)
+  p = prompts.placeholder_prompt(vocab, 1)
+  assert p[-1] == vocab.size + 1
+  rows = prompts.encode(enc, p, placeholders=jnp.ones((2, 4)))
+  np.testing.assert_allclose(rows[2], 1.0 + enc.positions[2])
+  with pytest.raises(ValueError, match="unknown token"):
+    vocab.ids(["<d11>"])
