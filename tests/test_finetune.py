@@ -223,6 +223,44 @@ def test_grid_runs_vmapped_and_summarizes():
                              atol=1e-6)
 
 
+def test_named_targets_share_compilation_and_array_metrics():
+  """Targets differing only in arrays are attacked in one call; a masked
+  mode named by the target; an array metric with eval_data."""
+  base = _probe_target()
+  x, y = base.train_data
+  def logits(p, x):
+    return jnp.tanh(x @ p["body"]["kernel"]) @ p["head"]["kernel"]
+  metric = lambda p, d: jnp.stack([
+      jnp.mean(jnp.argmax(logits(p, d[0]), -1) == d[1]),
+      jnp.mean(jnp.argmax(logits(p, d[0]), -1) != d[1])])
+  halves = {f"h{i}": base._replace(
+      metric_fn=metric, train_data=(x[i::2], y[i::2]),
+      eval_data=(x[i::2], y[i::2]), masked_modes={"body": ("body",)})
+      for i in (0, 1)}
+  p = {"body": {"kernel": jnp.eye(5)}, "head": {"kernel": jnp.zeros((5, 2))}}
+  grid = attacks.grid(optimizers=("adam",), learning_rates=(0.05,),
+                      modes=("body",), steps=(20,), extra_modes=("body",))
+  out = attacks.run_attacks(grid, {"p": p}, halves, eval_every=10)
+  assert set(out) == {"h0", "h1"}
+  m0, m1 = out["h0"].metric["p"], out["h1"].metric["p"]
+  assert m0.shape == (1, 3, 2)
+  np.testing.assert_allclose(m0.sum(-1), 1.0)
+  assert not np.allclose(m0, m1)          # each half trains on its own data
+  # the head is frozen in mode "body": with a zero head, logits stay 0, so
+  # accuracy is that of always predicting class 0
+  np.testing.assert_allclose(m0[0, -1, 0], float(jnp.mean(y[0::2] == 0)))
+  # one target alone gives the same curves as in the mapping
+  alone = attacks.run_attacks(grid, {"p": p}, halves["h1"], eval_every=10)
+  np.testing.assert_allclose(alone.metric["p"], m1)
+  with pytest.raises(ValueError, match="scalar metric"):
+    attacks.summarize(alone)
+  with pytest.raises(ValueError, match="share"):
+    attacks.run_attacks(grid, {"p": p}, {"a": halves["h0"], "b": base},
+                        eval_every=10)
+  with pytest.raises(ValueError, match="unknown mode"):
+    attacks.run_attacks(grid, {"p": p}, base, eval_every=10)
+
+
 def test_every_optimizer_and_bad_names():
   target = _probe_target()
   p = {"body": {"kernel": jnp.eye(5)}, "head": {"kernel": jnp.zeros((5, 2))}}

@@ -3,13 +3,15 @@
 Every attack is one fine-tuning run (:func:`immunojax.modes.adapt`, one
 ``lax.scan`` that evaluates the held-out metric every ``eval_every`` steps).
 Attacks that share (optimizer, batch size, mode, steps) run as one jitted
-call ``vmap``-ed over learning rates and seeds.
+call ``vmap``-ed over learning rates and seeds. Several targets that differ
+only in their arrays (one per concept, say) can be attacked in one call: each
+group is compiled once for all of them.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +41,14 @@ class Attack(NamedTuple):
 
 def grid(*, optimizers: Sequence[str], learning_rates: Sequence[float],
          batch_sizes: Sequence[int] = (32,), modes: Sequence[str] = ("full",),
-         steps: Sequence[int] = (100,), seeds: Sequence[int] = (0,)
-         ) -> list[Attack]:
-  """The Cartesian product of the given axes, validated."""
+         steps: Sequence[int] = (100,), seeds: Sequence[int] = (0,),
+         extra_modes: Sequence[str] = ()) -> list[Attack]:
+  """The Cartesian product of the given axes, validated (``extra_modes``:
+  names a target's ``masked_modes`` adds)."""
   for o in optimizers:
     _checks.check_choice(o, OPTIMIZERS, "optimizer")
   for m in modes:
-    _checks.check_choice(m, MODES, "mode")
+    _checks.check_choice(m, MODES + tuple(extra_modes), "mode")
   return [Attack(*a) for a in itertools.product(
       optimizers, learning_rates, batch_sizes, modes, steps, seeds)]
 
@@ -56,11 +59,17 @@ class Target(NamedTuple):
   Attributes:
     loss_fn: ``loss_fn(params, batch) -> scalar`` on the attacker's data.
     metric_fn: ``metric_fn(params) -> scalar`` on held-out data (e.g. the
-      harmful task's test accuracy).
+      harmful task's test accuracy); with ``eval_data``,
+      ``metric_fn(params, eval_data)``. It may return an array (several
+      metrics at once); :func:`summarize` needs a scalar.
     train_data: pytree of arrays with a leading example axis.
     head: regex(es) naming the head parameters (modes head / reinit_head).
     lora_config: adapters for mode ``lora``.
     higher_is_better: for the attacker (accuracy: True; loss: False).
+    eval_data: arrays the metric reads (a jit argument, so targets that
+      differ only in it share one compilation), or None.
+    masked_modes: more mode names, each training only the leaves its
+      regex(es) match, e.g. ``{"kv": (r"attn2/to_[kv]/kernel",)}``.
   """
   loss_fn: Callable
   metric_fn: Callable
@@ -68,26 +77,39 @@ class Target(NamedTuple):
   head: tuple[str, ...] = ("head",)
   lora_config: lora.LoraConfig = lora.LoraConfig()
   higher_is_better: bool = True
+  eval_data: PyTree = None
+  masked_modes: Mapping[str, Sequence[str]] = {}
+
+  def mode_names(self) -> tuple[str, ...]:
+    return MODES + tuple(self.masked_modes)
+
+
+def _attacker(target: Target, mode: str) -> modes.AttackerMode:
+  if mode in target.masked_modes:
+    return modes.masked(tuple(target.masked_modes[mode]), name=mode)
+  return modes.from_name(mode, head_patterns=target.head,
+                         lora_config=target.lora_config)
 
 
 def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
               steps: int, eval_every: int):
-  """One compiled ``(lrs, seeds, params, train_data) -> curves`` per group,
-  reused for every start point."""
-  n = jax.tree_util.tree_leaves(target.train_data)[0].shape[0]
-  attacker = modes.from_name(mode, head_patterns=target.head,
-                             lora_config=target.lora_config)
+  """One compiled ``(lrs, seeds, params, train_data, eval_data) -> curves``
+  per group, reused for every start point and every target of that shape."""
+  attacker = _attacker(target, mode)
 
   # Parameters and data are arguments, not closures: closed-over arrays
   # would be compiled in as constants, once per start point.
-  def one(lr, seed, params, train_data):
+  def one(lr, seed, params, train_data, eval_data):
+    n = jax.tree_util.tree_leaves(train_data)[0].shape[0]
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     idx = jax.vmap(lambda t: batch_indices(data_key, n, batch_size, t))(
         jnp.arange(steps))
     def evaluate(p):
       finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in
                                     jax.tree_util.tree_leaves(p)]))
-      return target.metric_fn(p), finite
+      value = (target.metric_fn(p) if eval_data is None else
+               target.metric_fn(p, eval_data))
+      return value, finite
 
     res = modes.adapt(attacker, params, target.loss_fn,
                       make_optimizer(optimizer, lr), take(train_data, idx),
@@ -97,15 +119,17 @@ def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
     # A diverged model's metric is no data point (NaN logits score as
     # chance accuracy): NaN from the first non-finite evaluation on.
     finite = jnp.cumprod(finite.astype(jnp.int32)).astype(bool)
-    metric = jnp.where(finite, metric, jnp.nan)
+    metric = jnp.where(finite.reshape(finite.shape + (1,) * (metric.ndim - 1)),
+                       metric, jnp.nan)
     return metric, res.metrics["loss"][eval_every - 1::eval_every], ~finite[-1]
 
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
 
 
 class AttackCurves(NamedTuple):
   """Per start point: ``metric[a, e]`` of attack ``a`` after ``steps[e]``
-  (NaN once the attack has diverged), its final loss, and ``diverged[a]``:
+  (``metric[a, e, ...]`` for an array-valued metric; NaN once the attack
+  has diverged), its final loss, and ``diverged[a]``:
   the attack's parameters became NaN/Inf (a fact about the attacker, kept
   out of every worst case)."""
   attacks: list[Attack]
@@ -116,45 +140,73 @@ class AttackCurves(NamedTuple):
 
 
 def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
-                target: Target, *, eval_every: int = 10) -> AttackCurves:
+                target: Target | Mapping[str, Target], *,
+                eval_every: int = 10) -> AttackCurves | dict[str, AttackCurves]:
   """Runs every attack from every start point (e.g. protected / original /
   scratch) and records the held-out metric every ``eval_every`` steps.
 
   Attacks are grouped by (optimizer, batch size, mode, steps); each group is
   one jitted call vmapped over its learning rates and seeds. Curves of
   attacks with different step budgets are padded with NaN.
+
+  Args:
+    target: one :class:`Target`, or a mapping of named targets that share
+      their functions and options and differ in ``train_data`` /
+      ``eval_data`` (e.g. one per concept): each group then compiles once
+      for all of them (once per distinct array shape).
+
+  Returns:
+    :class:`AttackCurves`, or a dict of them keyed like ``target``.
   """
   if not attacks:
     raise ValueError("no attacks given")
+  targets = dict(target) if isinstance(target, Mapping) else {"": target}
+  if not targets:
+    raise ValueError("no targets given")
+  first = next(iter(targets.values()))
+  shared = lambda t: (t.loss_fn, t.metric_fn, tuple(t.head), t.lora_config,
+                      tuple((k, tuple(v)) for k, v in t.masked_modes.items()),
+                      t.eval_data is None)
+  if any(shared(t) != shared(first) for t in targets.values()):
+    raise ValueError("targets attacked together must share loss_fn, "
+                     "metric_fn, head, lora_config, masked_modes and whether "
+                     "they have eval_data; only their arrays may differ")
   for a in attacks:
     _checks.check_choice(a.optimizer, OPTIMIZERS, "optimizer")
-    _checks.check_choice(a.mode, MODES, "mode")
+    _checks.check_choice(a.mode, first.mode_names(), "mode")
     if a.steps % eval_every:
       raise ValueError(f"attack steps {a.steps} is not a multiple of "
                        f"eval_every={eval_every}")
   longest = max(a.steps for a in attacks)
   steps_axis = np.arange(0, longest + 1, eval_every)
-  metric, final_loss, steps, diverged = {}, {}, {}, {}
   groups: dict[tuple, list[int]] = {}
   for i, a in enumerate(attacks):
     groups.setdefault((a.optimizer, a.batch_size, a.mode, a.steps), []).append(i)
-  for name in start_points:
-    metric[name] = np.full((len(attacks), len(steps_axis)), np.nan)
-    final_loss[name] = np.full((len(attacks),), np.nan)
-    diverged[name] = np.zeros((len(attacks),), bool)
-    steps[name] = steps_axis
-  for (opt, bs, mode, k), members in groups.items():
-    fn = _group_fn(target, opt, bs, mode, k, eval_every)
-    lrs = jnp.asarray([attacks[i].learning_rate for i in members])
-    seeds = jnp.asarray([attacks[i].seed for i in members])
-    for name, params in start_points.items():
-      curves, losses, bad = (np.asarray(a) for a in fn(
-          lrs, seeds, params, target.train_data))
-      for j, i in enumerate(members):
-        metric[name][i, :curves.shape[1]] = curves[j]
-        final_loss[name][i] = losses[j, -1]
-        diverged[name][i] = bool(bad[j]) or not np.isfinite(losses[j, -1])
-  return AttackCurves(list(attacks), steps, metric, final_loss, diverged)
+  out = {}
+  fns = {g: _group_fn(first, g[0], g[1], g[2], g[3], eval_every)
+         for g in groups}
+  for tname, tgt in targets.items():
+    metric, final_loss, steps, diverged = {}, {}, {}, {}
+    for name in start_points:
+      final_loss[name] = np.full((len(attacks),), np.nan)
+      diverged[name] = np.zeros((len(attacks),), bool)
+      steps[name] = steps_axis
+    for g, members in groups.items():
+      lrs = jnp.asarray([attacks[i].learning_rate for i in members])
+      seeds = jnp.asarray([attacks[i].seed for i in members])
+      for name, params in start_points.items():
+        curves, losses, bad = (np.asarray(a) for a in fns[g](
+            lrs, seeds, params, tgt.train_data, tgt.eval_data))
+        if name not in metric:
+          metric[name] = np.full((len(attacks), len(steps_axis))
+                                 + curves.shape[2:], np.nan)
+        for j, i in enumerate(members):
+          metric[name][i, :curves.shape[1]] = curves[j]
+          final_loss[name][i] = losses[j, -1]
+          diverged[name][i] = bool(bad[j]) or not np.isfinite(losses[j, -1])
+    out[tname] = AttackCurves(list(attacks), steps, metric, final_loss,
+                              diverged)
+  return out if isinstance(target, Mapping) else out[""]
 
 
 def summarize(curves: AttackCurves, *, threshold: float | None = None,
@@ -175,6 +227,10 @@ def summarize(curves: AttackCurves, *, threshold: float | None = None,
   sign = 1.0 if higher_is_better else -1.0
   out = {}
   for name, m in curves.metric.items():
+    if m.ndim != 2:
+      raise ValueError(f"summarize needs a scalar metric; start point {name!r} "
+                       f"has metric values of shape {m.shape[2:]} per "
+                       "evaluation (summarize one component at a time)")
     steps = curves.steps[name]
     budgets_ = list(budgets or sorted({a.steps for a in curves.attacks}))
     per_budget = {}
