@@ -27,6 +27,7 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("sophon_digits", False),
     ("sophon_denoiser", False),
     ("gs_lora_digits", False),
+    ("mima_digits", False),
 ]
 
 

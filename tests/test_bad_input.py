@@ -191,6 +191,8 @@ def test_library_refuses_or_reports_degenerate_values(case):
     ("quadratic", ["--keep-checkpoints", "0"], "--keep-checkpoints"),
     ("gs_lora_digits", ["--beta-ratio", "0.2,0.2"], "--beta-ratio"),
     ("gs_lora_digits", ["--missing-classes", "2"], "--missing-classes"),
+    ("mima_digits", ["--concepts", "3,3"], "--concepts"),
+    ("mima_digits", ["--attack-modes", "lora,dreambooth"], "--attack-modes"),
 ])
 def test_options_are_validated_before_anything_is_written(tmp_path, module,
                                                            args, needle):

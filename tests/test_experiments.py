@@ -153,3 +153,34 @@ def test_gs_lora_digits_quick_contract(tmp_path):
   assert all(isinstance(v, bool) or v is None for v in s["targets"].values())
   for png in ("tasks.png", "group_norms.png", "relearning.png"):
     assert (out / png).exists()
+
+
+def test_mima_digits_quick_contract(tmp_path):
+  from experiments import mima_digits as md
+  out = tmp_path / "mima"
+  assert md.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  s = load(out)
+  assert set(s["methods"]) == set(md.METHODS) == {
+      "none", "max", "imma_sequential", "imma_joint", "mima",
+      "mima_average_merge"}
+  checkpoints = len(s["attack_steps"])
+  assert checkpoints == md.QUICK["attack_steps"] // md.QUICK["eval_every"] + 1
+  for m, v in s["methods"].items():
+    assert 0 <= v["retention_accuracy"] <= 1 and v["wall_seconds"] >= 0
+    assert set(v["attacks"]) == {"lora/per_concept", "lora/joint"}
+    for a in v["attacks"].values():
+      acc = a["concept_accuracy"]
+      assert set(acc) == {"1", "3", "7"}
+      assert all(len(c) == checkpoints for c in acc.values())
+      assert a["worst_concept_accuracy"] == max(c[-1] for c in acc.values())
+      assert a["wall_seconds"] > 0
+  # every attack starts from the model it attacks: checkpoint 0 is the
+  # unattacked model, the same for per-concept and joint scoring
+  for m, v in s["methods"].items():
+    first = [c[0] for c in v["attacks"]["lora/joint"]["concept_accuracy"].values()]
+    assert first == pytest.approx(s["concept_accuracy_before_attack"][m],
+                                  abs=1.5 / md.QUICK["samples"])
+  assert set(s["targets"]) >= {"mima_well_below_none_at_every_checkpoint",
+                                "mima_beats_imma_sequential_on_worst_concept",
+                                "mima_retention_within_5pct_of_erased"}
+  assert s["notes"] and (out / "concept_accuracy.png").exists()
