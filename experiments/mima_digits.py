@@ -547,7 +547,7 @@ def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
             "mean_sgr_concept_accuracy": float(np.nanmean(
                 gap_ratio(wo[1:, :, 0], arr[1:, :, 0]))),
             "diverged": c["diverged"][m],
-            "wall_seconds": attack_wall[mode] / len(METHODS)}
+            "wall_seconds": attack_wall[mode] / (2 * len(METHODS))}
     methods[m] = {"retention_accuracy": retention[m],
                   "wall_seconds": imm_wall[m], "attacks": per_attack}
   steps = next(iter(curves.values()))["steps"]
@@ -557,7 +557,7 @@ def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
 
 def targets(cfg, out) -> dict:
   ms = out["methods"]
-  below, beats = True, True
+  below, beats, checked = True, True, 0
   for a in ms["none"]["attacks"]:
     none = ms["none"]["attacks"][a]["concept_accuracy"]
     mima = ms["mima"]["attacks"][a]["concept_accuracy"]
@@ -565,12 +565,14 @@ def targets(cfg, out) -> dict:
       for e, (wo, w) in enumerate(zip(none[k], mima[k])):
         # "well below" where the unprotected model has re-learned (>= 0.5):
         # at most half its accuracy
-        if e > 0 and wo >= 0.5 and not w <= 0.5 * wo:
-          below = False
+        if e > 0 and wo >= 0.5:
+          checked += 1
+          below &= w <= 0.5 * wo
     beats &= (ms["mima"]["attacks"][a]["worst_concept_accuracy"]
               < ms["imma_sequential"]["attacks"][a]["worst_concept_accuracy"])
   base = ms["none"]["retention_accuracy"]
-  return {"mima_well_below_none_at_every_checkpoint": below,
+  return {"mima_well_below_none_at_every_checkpoint":
+              bool(below) if checked else None,
           "mima_beats_imma_sequential_on_worst_concept": bool(beats),
           "mima_retention_within_5pct_of_erased":
               bool(ms["mima"]["retention_accuracy"] >= 0.95 * base),
@@ -599,36 +601,54 @@ def notes(cfg, out) -> list[str]:
     lines.append("The erased model does not re-learn every concept to 50% "
                  "within the attack budget, so 'well below' is checked only "
                  "where it does.")
-  for a in ms["none"]["attacks"]:
-    w = {m: ms[m]["attacks"][a]["worst_concept_accuracy"] for m in METHODS}
+  attacks_ = list(ms["none"]["attacks"])
+  worst = {m: np.asarray([ms[m]["attacks"][a]["worst_concept_accuracy"]
+                          for a in attacks_]) for m in METHODS}
+  for i, a in enumerate(attacks_):
     lines.append(f"{a}: worst-concept accuracy after the attack "
-                 + ", ".join(f"{m} {v:.2f}" for m, v in w.items()))
+                 + ", ".join(f"{m} {worst[m][i]:.2f}" for m in METHODS))
+  lines.append("Mean over attacks of the worst-concept accuracy: " + ", ".join(
+      f"{m} {worst[m].mean():.3f}" for m in METHODS) + ".")
+  wins = int(np.sum(worst["mima"] < worst["imma_sequential"]))
+  lines.append(f"MIMA beats sequential IMMA on the worst concept in {wins} of "
+               f"{len(attacks_)} attacks.")
+  for other in ("mima_average_merge", "max"):
+    gap = float(np.mean(np.abs(worst["mima"] - worst[other])))
+    if gap < 0.05:
+      lines.append(f"MIMA and {other} protect alike here (mean |difference| "
+                   f"of worst-concept accuracy over attacks {gap:.3f}).")
   if not t["mima_beats_imma_sequential_on_worst_concept"]:
     lines.append("MIMA does not beat sequential IMMA on the worst concept in "
                  "every attack: this contradicts the paper's central claim "
                  "at this scale (see the per-attack lines above).")
+  base = ms["none"]["retention_accuracy"]
+  lines.append("Retention (non-target digits' sample accuracy before any "
+               "attack): " + ", ".join(f"{m} {ms[m]['retention_accuracy']:.3f}"
+                                       for m in METHODS) + ".")
   if not t["mima_retention_within_5pct_of_erased"]:
-    lines.append("MIMA's non-target generation quality is more than 5% "
-                 "below the erased model's.")
+    lines.append(f"MIMA's non-target accuracy is "
+                 f"{100 * (1 - ms['mima']['retention_accuracy'] / base):.1f}% "
+                 f"below the erased model's: the prior term (weight "
+                 f"{cfg.prior_weight}) does not hold it within 5%.")
+  lines.append("wall_seconds per method is its immunization loop(s) "
+               "including their compilation; per attack it is the attack "
+               "mode's total time (per-concept and joint, six models) divided "
+               "evenly.")
   return lines
 
 
 def figures(cfg, run, out):
   ms = out["methods"]
   for a in ms["none"]["attacks"]:
-    for m in METHODS:
+    for m in ("none", "imma_sequential", "mima"):
       run.figure(f"{a}: worst-concept accuracy after {cfg.attack_steps} "
                  f"steps, {m}", ms[m]["attacks"][a]["worst_concept_accuracy"],
-                 note="classifier on DDIM samples; digits")
+                 note="frozen-classifier accuracy of DDIM samples; digits "
+                 "(every method in summary.json)")
   for m in METHODS:
     run.figure(f"retention (non-target sample accuracy), {m}",
                ms[m]["retention_accuracy"],
-               note="before any attack; erased = none")
-  for a in ms["none"]["attacks"]:
-    run.figure(f"{a}: mean SGR of feature similarity, mima (%)",
-               ms["mima"]["attacks"][a]["mean_sgr_feature_similarity"],
-               note="vs none, mean over checkpoints and concepts; paper "
-               "metric MSGR undefined in the available text")
+               note="before any attack; none = the erased model")
 
 
 def plot(cfg, run, out):

@@ -91,7 +91,8 @@ def ddim_sample(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
     if clip is not None:
       x0 = jnp.clip(x0, -clip, clip)
       eps = (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
-    return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev) * eps, None
+    return (jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev) * eps).astype(
+        x.dtype), None
 
   x, _ = jax.lax.scan(step, noise, (ts, prev))
   return x

@@ -214,7 +214,8 @@ def timestep_embedding(t: jax.Array, dim: int,
                        max_period: float = 10_000.0) -> jax.Array:
   """Sinusoidal embedding of (integer or real) timesteps: ``(batch, dim)``."""
   half = dim // 2
-  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half) / half)
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                  / half)
   angle = jnp.asarray(t, jnp.float32)[:, None] * freqs
   return jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)
 
