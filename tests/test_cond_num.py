@@ -197,14 +197,17 @@ def test_algorithm_1_full_run_matches_an_independent_reference():
     state, _ = step(state, (xp, yp), None)
   theta = np.asarray(imm.params(state)["theta"])
   ref = _reference_algorithm_1(xp, yp, xh, 200, 0.01, 1.0, 1.0)
-  np.testing.assert_allclose(theta, ref, rtol=1e-6, atol=1e-8)
+  # 200 steps through eigendecompositions amplify rounding: XLA's codegen
+  # level moves the last digits (6e-6 relative at -O0, which the suite
+  # uses); an algorithmic slip would differ at the percent level.
+  np.testing.assert_allclose(theta, ref, rtol=2e-5, atol=1e-8)
   r = cond.relative_immunization_ratio(xp @ theta, xh @ theta, xp, xh)
   k = lambda x: np.linalg.cond(np.asarray(x).T @ np.asarray(x))
   expected_i = k(xh @ ref) / k(xh)
   expected_ii = k(xp @ ref) / k(xp)
-  np.testing.assert_allclose(float(r.kappa_ratio_harmful), expected_i, rtol=1e-6)
+  np.testing.assert_allclose(float(r.kappa_ratio_harmful), expected_i, rtol=2e-5)
   np.testing.assert_allclose(float(r.kappa_ratio_pretrain), expected_ii,
-                             rtol=1e-6)
+                             rtol=2e-5)
   assert expected_i > 15 and expected_ii < 0.2    # about 19.7 and 0.135
   assert bool(cond.succeeds(r.kappa_ratio_harmful, r.kappa_ratio_pretrain,
                             strong=True))
