@@ -9,6 +9,7 @@ with the same ``summary.json`` as an uninterrupted one. The command line is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -318,8 +319,10 @@ class Run:
 
     Step ``t`` feeds the batch ``sample(data, t)`` (a pure function of the
     step, so a resumed run sees the same batches) and the key
-    ``fold_in(key, t)``. ``data`` is a jit argument, not a closure, so large
-    arrays are not compiled in as constants.
+    ``fold_in(key, t)``. ``data`` and ``key`` are jit arguments, not
+    closures, so large arrays are not compiled in as constants, and loops
+    that pass the same ``immunizer`` and ``sample`` objects with data of
+    one shape share one compilation.
 
     Returns:
       The final state.
@@ -327,15 +330,11 @@ class Run:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     key = jax.random.PRNGKey(0) if key is None else key
-
-    @jax.jit
-    def step(state, t, data):
-      return immunizer.update(state, sample(data, t),
-                              jax.random.fold_in(key, t))
-
-    return self.loop(loop, state, lambda s, t: step(s, jnp.asarray(t), data),
-                     num_steps, log_every=log_every, desc=desc,
-                     checkpoint=checkpoint)
+    step = _jitted_update()
+    return self.loop(
+        loop, state,
+        lambda s, t: step(immunizer, sample, s, jnp.asarray(t), data, key),
+        num_steps, log_every=log_every, desc=desc, checkpoint=checkpoint)
 
   # --------------------------------------------------------------- finish
   def finish(self, summary: dict) -> dict:
@@ -348,6 +347,18 @@ class Run:
     (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (self.out / "report.md").write_text(run_report(summary, self.out))
     return summary
+
+
+@functools.cache
+def _jitted_update():
+  """``jit(immunizer.update)`` over ``sample(data, t)``, with the immunizer
+  and the sampler static: one compilation per (immunizer, sample, shapes)."""
+  import jax  # noqa: PLC0415
+
+  def step(immunizer, sample, state, t, data, key):
+    return immunizer.update(state, sample(data, t), jax.random.fold_in(key, t))
+
+  return jax.jit(step, static_argnums=(0, 1))
 
 
 DIVERGED_HINT = ("lower the learning rate (or the regularizer weights) and "

@@ -287,15 +287,16 @@ def immunization_data(cfg: Config, st: Setting, concepts):
           "prior_tokens": jnp.asarray(prior_tok)}
 
 
-def make_step(st: Setting, imm, cfg: Config, key):
-  """One jitted ``(state, t, data, pools) -> (state, metrics)`` per
-  immunizer. ``pools`` ``(S, C)``: slot ``s`` of the lower and upper
+def make_sampler(st: Setting, cfg: Config, key):
+  """``sample((data, pools), t)``, the batch of step ``t`` for
+  :meth:`Run.fit`. ``pools`` ``(S, C)``: slot ``s`` of the lower and upper
   batches draws each row from concept ``c`` with probability proportional
   to ``pools[s, c]`` (the identity: one slot per concept, MIMA; a one-hot
   row: IMMA on that concept; a row of ones: IMMA on the pooled concepts),
   so IMMA per concept and on the pool share one compilation. Rows are drawn
   with replacement, a pure function of the step (resuming is exact)."""
-  def sample(d, t, pools):
+  def sample(data, t):
+    d, pools = data
     k = jax.random.fold_in(key, t)
     n = d["x"].shape[1]
     slots = pools.shape[0]
@@ -316,11 +317,7 @@ def make_step(st: Setting, imm, cfg: Config, key):
             "prior": st.draw(jax.random.fold_in(k, 4), d["prior_x"][pidx],
                              d["prior_tokens"][pidx])}
 
-  @jax.jit
-  def step(state, t, d, pools):
-    return imm.update(state, sample(d, t, pools), jax.random.fold_in(key, t))
-
-  return step
+  return sample
 
 
 def immunize(cfg: Config, run: _runner.Run, st: Setting, erased):
@@ -345,13 +342,12 @@ def immunize(cfg: Config, run: _runner.Run, st: Setting, erased):
                         **common),
       "mima_average_merge": imma.mima(st.loss, merge=imma.average_merge(),
                                       **common)}
-  steps = {n: make_step(st, i, cfg, key) for n, i in imms.items()}
+  sample = make_sampler(st, cfg, key)
 
   def loop(name, which, start, rows, desc):
-    imm, step = imms[which], steps[which]
-    state = run.loop(name, imm.init(start, key),
-                     lambda s, t: step(s, jnp.asarray(t), d, rows),
-                     cfg.immunize_steps, desc=desc)
+    imm = imms[which]
+    state = run.fit(name, imm, imm.init(start, key), sample, (d, rows),
+                    cfg.immunize_steps, key=key, desc=desc)
     return imm.params(state)
 
   out, wall = {"none": erased}, {"none": 0.0}
