@@ -644,7 +644,9 @@ def figures(cfg, run, out):
   for m in METHODS:
     run.figure(f"retention (non-target sample accuracy), {m}",
                ms[m]["retention_accuracy"],
-               note="before any attack; none = the erased model")
+               note="frozen-classifier accuracy of DDIM samples of the "
+               "non-target digit prompts, before any attack; digits; none = "
+               "the erased model")
 
 
 def plot(cfg, run, out):
