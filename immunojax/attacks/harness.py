@@ -91,6 +91,30 @@ def _attacker(target: Target, mode: str) -> modes.AttackerMode:
                          lora_config=target.lora_config)
 
 
+_GROUP_FNS: dict = {}
+
+
+def _cached_group_fn(target: Target, optimizer: str, batch_size: int,
+                     mode: str, steps: int, eval_every: int):
+  """:func:`_group_fn`, reused across calls whose targets share their
+  functions and options (so a loop over seeds compiles each group once)."""
+  key = (target.loss_fn, target.metric_fn, tuple(target.head),
+         target.lora_config, tuple((k, tuple(v)) for k, v in
+                                   target.masked_modes.items()),
+         target.eval_data is None, optimizer, batch_size, mode, steps,
+         eval_every)
+  try:
+    hash(key)
+  except TypeError:           # e.g. an unhashable lora_config
+    return _group_fn(target, optimizer, batch_size, mode, steps, eval_every)
+  if key not in _GROUP_FNS:
+    if len(_GROUP_FNS) >= 64:           # bounded: drop the oldest
+      _GROUP_FNS.pop(next(iter(_GROUP_FNS)))
+    _GROUP_FNS[key] = _group_fn(target, optimizer, batch_size, mode, steps,
+                                eval_every)
+  return _GROUP_FNS[key]
+
+
 def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
               steps: int, eval_every: int):
   """One compiled ``(lrs, seeds, params, train_data, eval_data) -> curves``
@@ -183,8 +207,7 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
   for i, a in enumerate(attacks):
     groups.setdefault((a.optimizer, a.batch_size, a.mode, a.steps), []).append(i)
   out = {}
-  fns = {g: _group_fn(first, g[0], g[1], g[2], g[3], eval_every)
-         for g in groups}
+  fns = {g: _cached_group_fn(first, *g, eval_every) for g in groups}
   for tname, tgt in targets.items():
     metric, final_loss, steps, diverged = {}, {}, {}, {}
     for name in start_points:
