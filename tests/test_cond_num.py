@@ -225,7 +225,8 @@ def test_deep_methods_raise_kappa_of_harmful_features_and_freeze_the_rest():
       jnp.arange(32), b[1]])
   kappa_h = lambda p: float(spectral.condition_number(
       spectral.gram_eigenvalues(feats(p, xh))))
-  for name in sorted(cond.deep.METHODS):
+  # label_kappa raises another kappa and needs labels: its own test below.
+  for name in sorted(set(cond.deep.METHODS) - {"label_kappa"}):
     imm = cond.deep.by_name(name, features_fn=feats, task_loss=task,
                             lambda_p=1.0, lambda_h=1.0,
                             optimizer=optax.sgd(0.05), trainable="body")
@@ -287,3 +288,91 @@ def test_house_price_missing_file_is_named(tmp_path):
   from immunojax.data.house_price import load_house_price
   with pytest.raises(FileNotFoundError, match="train.csv"):
     load_house_price(tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(cond.linear.METHODS))
+def test_balanced_lambdas_match_the_task_gradient_norm(method):
+  """The paper's rule: after weighting, each raw regularizer direction has
+  the task gradient's norm at t = 0 (times the ratio for D_P)."""
+  xp, yp, xh, yh = _toy()
+  problem = cond.linear_problem(xp, xh, yh)
+  params = {"theta": jnp.eye(5) + 0.1 * jnp.asarray(
+      np.random.default_rng(0).normal(size=(5, 5))),
+            "omega": jnp.ones((5, 1))}
+  lam = cond.linear.balanced_lambdas(method, problem, params, (xp, yp),
+                                     ratio=3.0, inner_steps=3)
+  task = optax.tree.norm(jax.grad(cond.linear.regression_loss, (0, 1))(
+      params["theta"], params["omega"], xp, yp[:, None]))
+  terms = cond.linear.method_terms(method, problem, inner_steps=3)
+  assert set(lam) == {f"lambda_{j}" for j in terms}
+  for j, term in terms.items():
+    got = lam[f"lambda_{j}"] * jnp.linalg.norm(term(params["theta"])[0])
+    np.testing.assert_allclose(got, task * (3.0 if j == "p" else 1.0),
+                               rtol=1e-10)
+
+
+def test_method_terms_are_the_factories_directions():
+  """normalize=False with weights 1: the update equals the task gradient
+  plus the sum of the raw terms (so balanced_lambdas weighs what trains)."""
+  xp, yp, xh, yh = _toy()
+  problem = cond.linear_problem(xp, xh, yh)
+  imm = cond.linear.cond_num(problem, lambda_p=1.0, lambda_h=1.0,
+                             optimizer=optax.sgd(1.0), normalize=False,
+                             track_kappa=False)
+  params = cond.init_params(5)
+  state = imm.init(params, jax.random.PRNGKey(0))
+  new, _ = imm.update(state, (xp, yp), jax.random.PRNGKey(0))
+  terms = cond.linear.method_terms("cond_num", problem)
+  g_task = jax.grad(cond.linear.regression_loss)(
+      params["theta"], params["omega"], xp, yp[:, None])
+  want = params["theta"] - (g_task + terms["h"](params["theta"])[0]
+                            + terms["p"](params["theta"])[0])
+  np.testing.assert_allclose(imm.params(new)["theta"], want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_gram_has_the_projected_gram_spectrum(seed):
+  rng = np.random.default_rng(seed)
+  f = jnp.asarray(rng.normal(size=(40, 7)))
+  y = jnp.asarray(rng.integers(0, 4, size=40))
+  small = cond.deep.label_gram(f, y, 5)            # class 4 absent: zero row
+  onehot = np.eye(5)[np.asarray(y)][:, :4]
+  proj = onehot @ np.linalg.inv(onehot.T @ onehot) @ onehot.T
+  big = np.asarray(f).T @ proj @ np.asarray(f)
+  w_small = np.sort(np.linalg.eigvalsh(np.asarray(small)))[-4:]
+  w_big = np.sort(np.linalg.eigvalsh(big))[-4:]
+  np.testing.assert_allclose(w_small, w_big, rtol=1e-9)
+  assert abs(float(np.linalg.eigvalsh(np.asarray(small))[0])) < 1e-9
+
+
+def test_label_kappa_needs_labels_and_raises_the_label_kappa():
+  from immunojax import models  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  model = models.MLP((6, 8, 8, 3), rngs=nnx.Rngs(0))
+  apply, params = models.functional(model)
+  feats, _ = models.functional(model, "features")
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+  xp, xh = (jnp.asarray(rng.normal(size=(30, 6))) for _ in range(2))
+  yp, yh = (jnp.asarray(rng.integers(0, 3, size=30)) for _ in range(2))
+  from immunojax import losses  # noqa: PLC0415
+  # The harmful term alone (no task loss, lambda_P = 0): unit steps of 0.05.
+  task = lambda p, b: 0.0 * losses.cross_entropy(apply(p, b[0]), b[1])
+  imm = cond.deep.label_kappa(features_fn=feats, task_loss=task, lambda_p=0.0,
+                              lambda_h=0.05, num_classes=3,
+                              optimizer=optax.sgd(1.0))
+  state = imm.init(params, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="harmful labels"):
+    imm.update(state, ((xp, yp), xh), jax.random.PRNGKey(0))
+
+  def log_kappa_y(p):
+    f = feats(p, xh)
+    top = spectral.pinv().of_features(f).sigma_max
+    return float(jnp.log(top) - jnp.log(
+        spectral.pinv()(cond.deep.label_gram(f, yh, 3)).sigma_min))
+
+  step = jax.jit(imm.update)
+  before = log_kappa_y(params)
+  for _ in range(20):
+    state, _ = step(state, ((xp, yp), (xh, yh)), jax.random.PRNGKey(0))
+  assert log_kappa_y(imm.params(state)) > before + 0.1

@@ -250,8 +250,11 @@ def test_named_targets_share_compilation_and_array_metrics():
   # accuracy is that of always predicting class 0
   np.testing.assert_allclose(m0[0, -1, 0], float(jnp.mean(y[0::2] == 0)))
   # one target alone gives the same curves as in the mapping
+  from immunojax.attacks import harness  # noqa: PLC0415
+  cached = len(harness._GROUP_FNS)
   alone = attacks.run_attacks(grid, {"p": p}, halves["h1"], eval_every=10)
   np.testing.assert_allclose(alone.metric["p"], m1)
+  assert len(harness._GROUP_FNS) == cached   # a later call reuses the group
   with pytest.raises(ValueError, match="scalar metric"):
     attacks.summarize(alone)
   with pytest.raises(ValueError, match="share"):
