@@ -16,12 +16,13 @@ def attack_curves(run, curves, name: str = "attack_curves", *,
   for ax, start in zip(axes[0], starts):
     m = curves.metric[start]
     steps = curves.steps[start]
-    for row in m:
-      ax.plot(steps, row, color="tab:gray", alpha=0.35, lw=0.8)
+    for i, row in enumerate(m):
+      ax.plot(steps, row, color="tab:gray", alpha=0.35, lw=0.8,
+              label=f"each of the {len(m)} attacks" if i == 0 else None)
     if np.isfinite(m).any():
       best = int(np.argmax(np.where(np.isfinite(m), m, -np.inf).max(1)))
       ax.plot(steps, m[best], color="tab:red", lw=2,
-              label=f"best: {curves.attacks[best].label}")
+              label=f"strongest attack: {curves.attacks[best].label}")
     n_div = int(curves.diverged[start].sum())
     ax.set(title=f"{start} ({len(m)} attacks"
            f"{f', {n_div} diverged' if n_div else ''})", xlabel="attack step")

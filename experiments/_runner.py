@@ -50,7 +50,7 @@ class DivergedError(RuntimeError):
 
 # What a run directory of ours may hold; --overwrite deletes nothing else.
 OUR_ENTRIES = ("config.json", "metrics.jsonl", "summary.json", "report.md",
-               "checkpoints", "corrupt_checkpoints")
+               "checkpoints", "corrupt_checkpoints", "results")
 OUR_SUFFIXES = (".png", "_curves.json")
 
 
@@ -395,10 +395,15 @@ def fmt(v) -> str:
 
 
 def run_report(summary: dict, out: Path) -> str:
-  lines = [f"# {summary['experiment']}", "",
-           f"seed {summary.get('seed')}, quick={summary.get('quick')}, "
-           f"wall {summary['wall_seconds']:.1f} s", "",
-           "| figure | ours | paper | note |", "|---|---|---|---|"]
+  lines = [f"# {summary['experiment']}", ""]
+  preamble = summary.get("preamble")
+  if isinstance(preamble, list) and preamble:   # what is measured, what is good
+    lines += [f"> {line}  " for line in preamble] + [""]
+  lines += [f"seed {summary.get('seed')}, quick={summary.get('quick')}, "
+            f"wall {summary['wall_seconds']:.1f} s", "",
+            "The paper column holds only the paper's own figures; the note "
+            "names estimator, protocol and data.", "",
+            "| figure | ours | paper | note |", "|---|---|---|---|"]
   for f in summary.get("figures", []):
     lines.append(f"| {f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
                  f"{f.get('note', '')} |")

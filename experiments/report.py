@@ -3,7 +3,9 @@
   python -m experiments.report RESULTS_DIR [--out RESULTS_DIR/README.md]
 
 One row per headline figure: experiment, run, our figure, the paper's figure,
-seed, wall time; each run's PNGs are linked as thumbnails.
+the figure's note (estimator, protocol, data), seed, wall time; then each
+run's notes, the experiments ``reproduce`` skipped (from ``skipped.json``)
+with the reason and the command that runs them, and the PNGs as thumbnails.
 """
 
 from __future__ import annotations
@@ -34,11 +36,35 @@ def collect(root: Path) -> list[tuple[Path, dict]]:
   return runs
 
 
+SKIPPED = "skipped.json"
+
+
+def skipped(root: Path) -> list[dict]:
+  """``[{"experiment", "reason", "command"}]`` from ``root/skipped.json``."""
+  path = root / SKIPPED
+  if not path.exists():
+    return []
+  try:
+    entries = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    print(f"warning: unreadable {path}: {e}")
+    return []
+  return [e for e in entries if isinstance(e, dict)] \
+      if isinstance(entries, list) else []
+
+
+def _cell(text) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def render(root: Path, runs, out: Path) -> str:
   lines = [HEADER, "",
-           f"{len(runs)} run(s) found below `{root}`.", "",
-           "| experiment | run | figure | ours | paper | seed | quick | wall (s) |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"{len(runs)} run(s) found below `{root}`. The paper column holds "
+           "only the papers' own figures; the note names the estimator, "
+           "protocol and data behind each figure.", "",
+           "| experiment | run | figure | ours | paper | note | seed | quick "
+           "| wall (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for run_dir, s in runs:
     rel = os.path.relpath(run_dir, out.parent)
     figures = [f for f in (s.get("figures") or []) if isinstance(f, dict)] \
@@ -47,9 +73,24 @@ def render(root: Path, runs, out: Path) -> str:
     for f in figures:
       lines.append(
           f"| {s.get('experiment', '?')} | [{run_dir.name}]({rel}/report.md) | "
-          f"{f.get('name', '?')} | {fmt(f.get('ours'))} | "
-          f"{fmt(f.get('paper'))} | {s.get('seed')} | {s.get('quick')} | "
+          f"{_cell(f.get('name', '?'))} | {fmt(f.get('ours'))} | "
+          f"{fmt(f.get('paper'))} | {_cell(f.get('note', ''))} | "
+          f"{s.get('seed')} | {s.get('quick')} | "
           f"{fmt(float(wall)) if isinstance(wall, (int, float)) else '—'} |")
+  skips = skipped(root)
+  if skips:
+    lines += ["", "## Skipped", "",
+              "| experiment | reason | command that runs it |", "|---|---|---|"]
+    lines += [f"| {_cell(e.get('experiment', '?'))} | "
+              f"{_cell(e.get('reason', ''))} | `{_cell(e.get('command', ''))}` |"
+              for e in skips]
+  noted = [(d, s) for d, s in runs if isinstance(s.get("notes"), list)
+           and s["notes"]]
+  if noted:
+    lines += ["", "## Notes", ""]
+    for run_dir, s in noted:
+      lines.append(f"**{s.get('experiment')}** (`{run_dir.name}`)")
+      lines += [f"- {_cell(n)}" for n in s["notes"]] + [""]
   lines += ["", "## Plots", ""]
   for run_dir, s in runs:
     pngs = sorted(run_dir.glob("*.png"))

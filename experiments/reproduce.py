@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
   p.add_argument("--only", default=None, help="comma-separated module names")
   args = p.parse_args(argv)
   only = set(args.only.split(",")) if args.only else None
-  failures = []
+  failures, skips = [], []
   for name, needs_data in EXPERIMENTS:
     if only and name not in only:
       continue
@@ -50,6 +51,11 @@ def main(argv=None) -> int:
     reason = getattr(module, "unavailable_reason", lambda d: None)(args.data_dir)
     if reason:
       print(f"[reproduce] skip {name}: {reason}", flush=True)
+      skips.append({"experiment": name, "reason": reason,
+                    "command": f"python -m experiments.{name}"
+                    + (" --data-dir ../shared/data/house_price"
+                       if needs_data else "")
+                    + (" --quick" if args.quick else "")})
       continue
     cmd = [sys.executable, "-m", f"experiments.{name}", "--out",
            str(args.out / name), "--overwrite", "--quiet"]
@@ -65,6 +71,7 @@ def main(argv=None) -> int:
     if rc:
       failures.append(name)
   args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / report.SKIPPED).write_text(json.dumps(skips, indent=2))
   report.main([str(args.out)])
   if failures:
     print(f"[reproduce] failed: {failures}", file=sys.stderr)

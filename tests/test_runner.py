@@ -181,3 +181,16 @@ def test_no_pickle_in_saving_or_loading():
     for path in (ROOT / folder).rglob("*.py"):
       src = path.read_text()
       assert "import pickle" not in src and "cloudpickle" not in src, path
+
+
+def test_dashboard_keeps_notes_and_lists_skipped_experiments(tmp_path):
+  assert quadratic.main(["--quick", "--out", str(tmp_path / "q"),
+                         "--quiet"]) == 0
+  (tmp_path / report.SKIPPED).write_text(json.dumps([{
+      "experiment": "house_price", "reason": "needs --data-dir",
+      "command": "python -m experiments.house_price --data-dir D"}]))
+  assert report.main([str(tmp_path)]) == 0
+  text = (tmp_path / "README.md").read_text()
+  assert "exact least-squares optimum" in text        # a figure's note
+  assert "## Skipped" in text and "needs --data-dir" in text
+  assert "`python -m experiments.house_price --data-dir D`" in text
