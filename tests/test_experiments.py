@@ -46,7 +46,23 @@ def test_house_price_quick_contract(tmp_path, house_price_dir):
   # Def. 3.1(c): an invertible theta keeps the best D_P head's quality.
   assert ours["dp_test_mse_best_head"] == pytest.approx(
       s["methods"]["identity"]["dp_test_mse_best_head"], rel=1e-3)
-  assert (out / "fig1_linesearch.png").exists() and s["wall_seconds"] > 0
+  # Both direction rules, each method flagged with the one it used; the
+  # balanced weights match the task gradient, so they differ per method.
+  assert set(s["rules"]) == {"normalized", "balanced"}
+  for rule, table in s["rules"].items():
+    for m, v in table.items():
+      assert v["normalized"] is (rule == "normalized"), (rule, m)
+      assert -1 <= v["direction_alignment_t0"] <= 1
+  bal = s["rules"]["balanced"]
+  assert bal["cond_num"]["lambdas"]["lambda_h"] != pytest.approx(
+      bal["opt_kappa"]["lambdas"]["lambda_h"], rel=0.1)
+  assert all(set(v) == {"weak", "strong"} for v in s["success_def_3_1"].values())
+  assert len(s["preamble"]) == 3 and any("normalized" in n for n in s["notes"])
+  report = (out / "report.md").read_text()
+  assert report.splitlines()[2].startswith("> RIR")
+  assert "closed-form" in report and "| identity rir" not in report
+  for png in ("fig1_linesearch", "lambda_sweep"):
+    assert (out / f"{png}.png").exists()
 
 
 def test_house_price_without_data_names_the_option(tmp_path, capsys):
@@ -69,19 +85,57 @@ def test_digit_pairs_quick_contract(tmp_path):
     m_ = v["log_rir_matrix"]["pinv"]
     assert len(m_) == 10 and m_[3][3] is None
     assert v["success_pairs"]["pinv"] + len(v["failed_pairs"]["pinv"]) == 90
+    assert v["pairs_strong_success"]["pinv"] <= v["success_pairs"]["pinv"]
+    assert v["normalized"] is True
+    assert s["pairs_strong_success"][m] == v["pairs_strong_success"]
   assert s["methods"]["cond_num"]["success_pairs"]["pinv"] >= 80
-  assert (out / "log_rir_heatmaps.png").exists()
+  # The study grid: one cell per (tasks, optimizer, rule, ratio, budget).
+  q = digit_pairs.QUICK
+  assert len(s["grid"]) == (len(q["grid_tasks"]) * len(q["grid_optimizers"])
+                            * 2 * len(q["grid_ratios"]) * len(q["grid_budgets"]))
+  assert {c["rule"] for c in s["grid"]} == {"normalized", "balanced"}
+  for c in s["grid"]:
+    assert c["normalized"] is (c["rule"] == "normalized")
+    assert c["problems"] == q["grid_seeds"] * q["grid_pairs"]
+    assert c["diverged_pairs"] == 0 and 0 <= c["dp_accuracy"] <= 1
+    for est in ("pinv", "official"):
+      st = c[est]
+      assert st["mean_rir"] > 0 and st["median_rir"] > 0
+      assert 0 <= st["pairs_ii_at_most_1"] <= q["grid_pairs"]
+      assert 0 <= st["pairs_strong_success"] <= st["pairs_i_at_least_10"]
+  assert set(s["grid_main_effects"]) == set(digit_pairs.GRID_FACTORS)
+  assert any(n.startswith("Conclusion of the grid") for n in s["notes"])
+  assert len(s["preamble"]) == 3
+  for png in ("log_rir_heatmaps", "study_grid"):
+    assert (out / f"{png}.png").exists()
 
 
 def test_deep_immunization_quick_contract(tmp_path):
-  from experiments import deep_immunization
+  from experiments import deep_immunization as di
   out = tmp_path / "di"
-  assert deep_immunization.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  assert di.main(["--quick", "--out", str(out), "--quiet"]) == 0
   s = load(out)
-  assert s["methods"]["identity"]["dp_accuracy"] > 0.9
+  seeds = di.QUICK["num_seeds"]
+  assert set(s["methods"]) == {"theta0", *di.QUICK["methods"]}
+  assert s["methods"]["theta0"]["dp_accuracy"]["mean"] > 0.9
   ours = s["methods"]["cond_num"]
-  assert ours["rir_theta0"]["pinv"] > 1 and ours["dp_accuracy"] > 0.9
+  assert ours["rir_theta0"]["pinv"]["mean"] > 1
+  assert ours["dp_accuracy"]["mean"] > 0.9
   assert ours["trained_with"] == "pinv" and ours["normalized"] is True
+  for start, v in s["methods"].items():
+    assert v["rank"]["mean"] <= v["dim"]
+    assert 0 < v["sigma_min"]["mean"] <= v["sigma_max"]["mean"], start
+  for probe in ("line_search", "tuned_sgd", "tuned_adam"):
+    for start in s["methods"]:
+      q = s["probe"][probe][start]
+      acc = q["test_accuracy"]
+      assert len(acc["mean"]) == len(acc["std"]) == len(q["steps"]) == 11
+      assert all(0 <= a <= 1 for a in acc["mean"]) and q["steps_to_threshold"]["of"] == seeds
+      if probe != "line_search":
+        assert len(q["best_learning_rate"]) == seeds
+  ls = s["probe"]["line_search"]["theta0"]["distance_ratio"]["mean"]
+  assert ls[0] == 1.0 and ls[-1] < 1.0        # the probe converges
+  assert any("Probing is" in n for n in s["notes"])
   assert (out / "probe_curves.png").exists()
 
 
@@ -90,7 +144,7 @@ def test_estimator_option_reaches_the_method(tmp_path):
   out = tmp_path / "dp"
   assert digit_pairs.main(["--quick", "--out", str(out), "--quiet", "--epochs",
                            "1", "--methods", "cond_num", "--estimator",
-                           "official"]) == 0
+                           "official", "--grid", "false"]) == 0
   s = load(out)
   assert s["methods"]["cond_num"]["trained_with"] == "official"
   with pytest.raises(SystemExit):
@@ -184,3 +238,29 @@ def test_mima_digits_quick_contract(tmp_path):
                                 "mima_beats_imma_sequential_on_worst_concept",
                                 "mima_retention_within_5pct_of_erased"}
   assert s["notes"] and (out / "concept_accuracy.png").exists()
+
+
+def test_study_grid_helpers():
+  import numpy as np
+  from experiments import _digit_grid, digit_pairs
+  for count in (2, 10, 20, 30):
+    pairs = _digit_grid.stratified_pairs(digit_pairs.PAIRS, count)
+    assert len(set(pairs)) == count and all(a != b for a, b in pairs)
+    if count % 10 == 0:        # every digit equally often on each side
+      assert np.bincount([a for a, _ in pairs], minlength=10).tolist() == \
+          [count // 10] * 10
+      assert np.bincount([b for _, b in pairs], minlength=10).tolist() == \
+          [count // 10] * 10
+  assert _digit_grid.stratified_pairs(digit_pairs.PAIRS, 90) == digit_pairs.PAIRS
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 6))
+  assert float(_digit_grid.gram_alignment(x, 2 * x)) == pytest.approx(1.0)
+  assert float(_digit_grid.gram_alignment(x, x * np.arange(1, 7))) < 0.99
+  # Diverged problems are counted, not averaged in.
+  res = {"diverged": np.array([[False, True]]),
+         "dp_accuracy": np.array([[0.9, 0.1]]),
+         **{e: {"rir": np.array([[4.0, np.nan]]), "i": np.array([[12.0, 1.0]]),
+                "ii": np.array([[0.5, 2.0]])} for e in ("pinv", "official")}}
+  st = _digit_grid.cell_statistics(res, 2)
+  assert st["diverged_pairs"] == 1 and st["dp_accuracy"] == pytest.approx(0.9)
+  assert st["pinv"]["mean_rir"] == 4.0 and st["pinv"]["pairs_strong_success"] == 1
