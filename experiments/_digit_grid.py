@@ -205,5 +205,6 @@ def main_effects(cells: list[dict], factors: tuple[str, ...]) -> dict:
   return out
 
 
-def grid_cells(tasks, optimizers, rules):
+def grid_groups(tasks, optimizers, rules):
+  """The (tasks, optimizer, rule) groups, each one compiled program."""
   return list(itertools.product(tasks, optimizers, rules))

@@ -272,14 +272,14 @@ GRID_FACTORS = ("tasks", "optimizer", "rule", "ratio", "budget")
 
 
 def study_grid(cfg: Config, run: _runner.Run) -> dict:
-  """The grid of question 1; each (tasks, optimizer, rule) group is one
-  jitted call whose statistics are saved as it ends (``--resume`` skips the
-  groups already saved)."""
+  """The grid of question 1. Each (tasks, optimizer, rule) group trains all
+  its problems together (one jitted step per call) and saves its results as
+  it ends, so ``--resume`` skips the groups already saved."""
   import json  # noqa: PLC0415
   pairs = _digit_grid.stratified_pairs(PAIRS, cfg.grid_pairs)
   seeds = [cfg.seed + s for s in range(cfg.grid_seeds)]
-  groups = _digit_grid.grid_cells(cfg.grid_tasks, cfg.grid_optimizers,
-                                  cfg.grid_rules)
+  groups = _digit_grid.grid_groups(cfg.grid_tasks, cfg.grid_optimizers,
+                                   cfg.grid_rules)
   folder = run.out / "results" / "grid"   # per-group results, for --resume
   folder.mkdir(parents=True, exist_ok=True)
   cells, per_pair, alignment = [], {}, {}
@@ -300,14 +300,17 @@ def study_grid(cfg: Config, run: _runner.Run) -> dict:
     path = folder / f"{name}.npz"
     if not path.exists():
       res = _digit_grid.run_group(
-          run, name, stacked[tasks], rule=rule, optimizer=opt, ratios=cfg.grid_ratios,
-          budgets=cfg.grid_budgets, steps=cfg.grid_steps,
+          run, name, stacked[tasks], rule=rule, optimizer=opt,
+          ratios=cfg.grid_ratios, budgets=cfg.grid_budgets,
+          steps=cfg.grid_steps,
           batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
           adam_learning_rate=cfg.adam_learning_rate, lambda_h=cfg.lambda_h,
           keys=keys)
       flat = {"/".join(str(getattr(k, "key", k)) for k in kp): v
               for kp, v in jax.tree_util.tree_leaves_with_path(res)}
-      np.savez(path, **flat)
+      part = path.with_suffix(".part.npz")   # a crash never leaves half a file
+      np.savez(part, **flat)
+      part.replace(path)
     raw = dict(np.load(path))
     res = {"diverged": raw["diverged"], "dp_accuracy": raw["dp_accuracy"],
            **{e.name: {k: raw[f"{e.name}/{k}"] for k in ("rir", "i", "ii")}
@@ -419,6 +422,20 @@ def _grid_findings(cfg, cells, effects, alignment, per_pair) -> list[str]:
           f"correlation of per-pair log RIR with it = {rho:.2f} "
           f"({ref['optimizer']}, {ref['rule']}, ratio {ref['ratio']:g}, "
           f"budget ×{top:g}).")
+  for tasks in cfg.grid_tasks:
+    ends = [_cell(cells, tasks=tasks, budget=b, **ref)
+            for b in sorted({min(cfg.grid_budgets), top})]
+    if all(c is not None and c["pinv"] for c in ends):
+      lo, hi = ends[0], ends[-1]
+      out.append(
+          f"Budget, {tasks} tasks ({ref['optimizer']}, {ref['rule']}, ratio "
+          f"{ref['ratio']:g}): from ×{lo['budget']:g} to ×{hi['budget']:g} "
+          f"the mean RIR goes {lo['pinv']['mean_rir']:.3g} → "
+          f"{hi['pinv']['mean_rir']:.3g}, the median "
+          f"{lo['pinv']['median_rir']:.3g} → {hi['pinv']['median_rir']:.3g}, "
+          f"pairs with (ii) ≤ 1 {lo['pinv']['pairs_ii_at_most_1']:.3g} → "
+          f"{hi['pinv']['pairs_ii_at_most_1']:.3g} of {lo['pairs']}, D_P "
+          f"accuracy {lo['dp_accuracy']:.3f} → {hi['dp_accuracy']:.3f}.")
   reach = [c for c in cells if c["pinv"] and c["pinv"]["mean_rir"] >= 70]
   out.append(
       f"{len(reach)} of {len(cells)} grid cells reach the paper's mean RIR "
