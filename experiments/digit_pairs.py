@@ -99,7 +99,7 @@ class Config:
                     nonnegative=("lambda_p", "lambda_h"))
 
 
-QUICK = {"epochs": 4, "methods": ("opt_kappa", "cond_num"),
+QUICK = {"epochs": 4, "methods": ("cond_num",),
          "grid_tasks": ("code",), "grid_optimizers": ("gd",),
          "grid_ratios": (3.0,), "grid_budgets": (10.0,), "grid_seeds": 2,
          "grid_pairs": 2, "grid_steps": 6}

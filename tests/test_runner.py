@@ -184,13 +184,19 @@ def test_no_pickle_in_saving_or_loading():
 
 
 def test_dashboard_keeps_notes_and_lists_skipped_experiments(tmp_path):
-  assert quadratic.main(["--quick", "--out", str(tmp_path / "q"),
-                         "--quiet"]) == 0
+  run = tmp_path / "q"
+  run.mkdir()
+  (run / "summary.json").write_text(json.dumps({
+      "experiment": "quadratic", "seed": 0, "quick": True, "wall_seconds": 1.0,
+      "figures": [{"name": "final loss", "ours": 0.5, "paper": None,
+                   "note": "exact least-squares optimum 0.4 | (no paper)"}],
+      "notes": ["a note a reader needs"]}))
   (tmp_path / report.SKIPPED).write_text(json.dumps([{
       "experiment": "house_price", "reason": "needs --data-dir",
       "command": "python -m experiments.house_price --data-dir D"}]))
   assert report.main([str(tmp_path)]) == 0
   text = (tmp_path / "README.md").read_text()
-  assert "exact least-squares optimum" in text        # a figure's note
+  assert "exact least-squares optimum 0.4 \\| (no paper)" in text  # escaped
+  assert "- a note a reader needs" in text
   assert "## Skipped" in text and "needs --data-dir" in text
   assert "`python -m experiments.house_price --data-dir D`" in text
