@@ -319,7 +319,8 @@ def deviations(cfg: Config) -> list[str]:
       "Regularizer directions: " + (
           "unit-normalized (ours, --normalize true): every method's "
           "regularizer step has length η·λ" if cfg.normalize else
-          "raw gradients (the paper's rule, --normalize false)") + ".",
+          "raw gradients weighted by the paper's balancing rule at t = 0 "
+          "(--normalize false; the λ sweep keeps its λ)") + ".",
       f"κ inside the regularizers: {cfg.estimator}; preconditioner "
       f"{cfg.preconditioner} on the {cfg.precondition_side} (Alg. 1) side; "
       "figures name the estimator they report.",
