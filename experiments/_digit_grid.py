@@ -21,7 +21,7 @@ at its last finite state and counted as diverged (not dropped silently).
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,54 +53,68 @@ def gram_alignment(x_p: jax.Array, x_h: jax.Array) -> jax.Array:
   return jnp.sum(k_p * k_h) / (jnp.linalg.norm(k_p) * jnp.linalg.norm(k_h))
 
 
+class _Setup(NamedTuple):
+  """What one (seed, ratio, budget, pair) problem needs besides its data,
+  computed once before training: the Grams, their preconditioners and the
+  regularizer weights."""
+  k_p: jax.Array
+  k_h: jax.Array
+  p_p: jax.Array
+  p_h: jax.Array
+  lambda_h: jax.Array
+  lambda_p: jax.Array
+
+
 def _cell_fns(*, rule: str, optimizer: str, batch_size: int,
               learning_rate: float, adam_learning_rate: float,
               lambda_h: float):
-  """``(init, step, evaluate)`` for one pair and cell; the immunizer is
-  rebuilt from ``(xp, yp, xh, ratio, m)`` inside each (cheap, traced)."""
+  """``(prepare, init, step, evaluate)`` for one pair and cell."""
   normalize = rule == "normalized"
 
-  def immunizer(xp, yp, xh, ratio, m):
+  def prepare(xp, yp, xh, ratio, m):
     problem = cond_num.linear_problem(xp, xh)
-    params0 = cond_num.init_params(xp.shape[1], dtype=xp.dtype)
     if normalize:
       lam_h, lam_p = lambda_h, ratio * lambda_h
     else:
       lam = cond_num.linear.balanced_lambdas(
-          "cond_num", problem, params0, (xp, yp), task_loss="bce",
-          ratio=ratio)
+          "cond_num", problem, cond_num.init_params(xp.shape[1],
+                                                    dtype=xp.dtype),
+          (xp, yp), task_loss="bce", ratio=ratio)
       lam_h, lam_p = lam["lambda_h"], lam["lambda_p"]
-    if optimizer == "gd":
-      opt = optax.sgd(learning_rate)
+    if optimizer == "gd":          # the budget scales the weights ...
       lam_h, lam_p = lam_h * m, lam_p * m
-    else:
-      opt = optax.adam(adam_learning_rate * m)
-    imm = cond_num.linear.cond_num(problem, lambda_p=lam_p, lambda_h=lam_h,
-                                   optimizer=opt, task_loss="bce",
-                                   normalize=normalize, track_kappa=False)
-    return imm, params0, (lam_h, lam_p)
+    return _Setup(problem.k_p, problem.k_h, problem.p_p, problem.p_h,
+                  jnp.asarray(lam_h, xp.dtype), jnp.asarray(lam_p, xp.dtype))
 
-  def init(xp, yp, xh, key, ratio, m):
-    imm, params0, _ = immunizer(xp, yp, xh, ratio, m)
-    return imm.init(params0, key), jnp.asarray(False)
+  def immunizer(setup, xh, m):
+    opt = (optax.sgd(learning_rate) if optimizer == "gd"
+           else optax.adam(adam_learning_rate * m))   # ... or Adam's rate
+    problem = cond_num.LinearProblem(setup.k_p, setup.k_h, setup.p_p,
+                                     setup.p_h, xh, None)
+    return cond_num.linear.cond_num(
+        problem, lambda_p=setup.lambda_p, lambda_h=setup.lambda_h,
+        optimizer=opt, task_loss="bce", normalize=normalize,
+        track_kappa=False)
 
-  def step(carry, xp, yp, xh, key, ratio, m, t):
+  def init(setup, xh, m, key):
+    params0 = cond_num.init_params(xh.shape[1], dtype=xh.dtype)
+    return immunizer(setup, xh, m).init(params0, key), jnp.asarray(False)
+
+  def step(carry, setup, xp, yp, xh, m, key, t):
     state, bad = carry
-    imm, _, _ = immunizer(xp, yp, xh, ratio, m)
-    new, _ = imm.update(state, data.minibatch(key, (xp, yp), batch_size, t),
-                        key)
+    new, _ = immunizer(setup, xh, m).update(
+        state, data.minibatch(key, (xp, yp), batch_size, t), key)
     ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in
                               jax.tree_util.tree_leaves(new)]))
     state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new,
                                    state)
     return state, bad | ~ok
 
-  def evaluate(carry, xp, yp, xh, key, ratio, m):
-    del key
+  def evaluate(carry, setup, xp, yp, xh, m):
     state, diverged = carry
-    imm, _, (lam_h, lam_p) = immunizer(xp, yp, xh, ratio, m)
-    p = imm.params(state)
-    out = {"diverged": diverged, "lambda_h": lam_h, "lambda_p": lam_p,
+    p = immunizer(setup, xh, m).params(state)
+    out = {"diverged": diverged, "lambda_h": setup.lambda_h,
+           "lambda_p": setup.lambda_p,
            "dp_accuracy": jnp.mean(((xp @ p["theta"] @ p["omega"])[:, 0] > 0)
                                    == (yp > 0.5))}
     for est in ESTIMATORS:
@@ -110,18 +124,24 @@ def _cell_fns(*, rule: str, optimizer: str, batch_size: int,
                        "ii": r.kappa_ratio_pretrain}
     return out
 
-  return init, step, evaluate
+  return prepare, init, step, evaluate
 
 
-def _over_grid(fn, *, carry: bool, step: bool = False):
-  """vmap ``fn(carry?, xp, yp, xh, key, ratio, m, t?)`` over pairs, budgets,
-  ratios and seeds (in that nesting); ``t`` is shared."""
-  c = (0,) if carry else ()
-  rest = (None,) if step else ()
-  over_pairs = jax.vmap(fn, c + (0, 0, 0, None, None, None) + rest)
-  over_budgets = jax.vmap(over_pairs, c + (None,) * 5 + (0,) + rest)
-  over_ratios = jax.vmap(over_budgets, c + (None,) * 4 + (0, None) + rest)
-  return jax.vmap(over_ratios, c + (0, 0, 0, 0, None, None) + rest)
+# The grid's axes, outermost first, and which of them each kind of argument
+# carries: data per (seed, pair), a key per seed, one ratio / budget value,
+# per-problem values on every axis, or a value shared by all.
+_AXES = ("seeds", "ratios", "budgets", "pairs")
+_KINDS = {"data": ("seeds", "pairs"), "key": ("seeds",), "ratio": ("ratios",),
+          "budget": ("budgets",), "grid": _AXES, "shared": ()}
+
+
+def _over_grid(fn, kinds: tuple[str, ...]):
+  """``vmap`` of ``fn`` over the grid's four axes; ``kinds[i]`` says which
+  axes argument ``i`` carries (a key of ``_KINDS``)."""
+  for axis in reversed(_AXES):
+    fn = jax.vmap(fn, in_axes=tuple(0 if axis in _KINDS[k] else None
+                                    for k in kinds))
+  return fn
 
 
 def run_group(run, name: str, arrays, *, rule: str, optimizer: str, ratios,
@@ -139,22 +159,29 @@ def run_group(run, name: str, arrays, *, rule: str, optimizer: str, ratios,
   Returns:
     Numpy leaves of shape ``(seeds, ratios, budgets, pairs)``.
   """
-  init, step, evaluate = _cell_fns(
+  prepare, init, step, evaluate = _cell_fns(
       rule=rule, optimizer=optimizer, batch_size=batch_size,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
       lambda_h=lambda_h)
-  args = (*arrays, keys, jnp.asarray(ratios, jnp.float64),
-          jnp.asarray(budgets, jnp.float64))
-  carry = jax.jit(_over_grid(init, carry=False))(*args)
-  step_all = jax.jit(_over_grid(step, carry=True, step=True))
+  xp, yp, xh = arrays
+  ratios = jnp.asarray(ratios, jnp.float64)
+  budgets = jnp.asarray(budgets, jnp.float64)
+  setup = jax.jit(_over_grid(prepare, ("data", "data", "data", "ratio",
+                                       "budget")))(xp, yp, xh, ratios, budgets)
+  carry = jax.jit(_over_grid(init, ("grid", "data", "budget", "key")))(
+      setup, xh, budgets, keys)
+  step_all = jax.jit(_over_grid(step, ("grid", "grid", "data", "data",
+                                       "data", "budget", "key", "shared")))
 
   def step_fn(c, t):
-    c = step_all(c, *args, jnp.asarray(t))
+    c = step_all(c, setup, xp, yp, xh, budgets, keys, jnp.asarray(t))
     return c, {"diverged_problems": jnp.sum(c[1])}
 
   carry = run.loop(f"grid_{name}", carry, step_fn, steps, log_every=steps,
                    desc=f"grid {name}", checkpoint=False)
-  out = jax.jit(_over_grid(evaluate, carry=True))(carry, *args)
+  out = jax.jit(_over_grid(evaluate, ("grid", "grid", "data", "data", "data",
+                                      "budget")))(carry, setup, xp, yp, xh,
+                                                  budgets)
   return jax.tree_util.tree_map(np.asarray, out)
 
 

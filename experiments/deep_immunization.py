@@ -261,10 +261,9 @@ def _mean_std(values) -> dict:
   vals = [v for v in values if v is not None]
   if not vals:
     return {"mean": None, "std": None, "reached": 0, "of": len(values)}
-  a = np.asarray(vals, float)
-  return {"mean": float(a.mean(0).tolist()) if a.ndim == 1 else
-          a.mean(0).tolist(), "std": float(a.std(0)) if a.ndim == 1 else
-          a.std(0).tolist(), "reached": len(vals), "of": len(values)}
+  a = np.asarray(vals, float)     # scalars -> floats, curves -> lists
+  return {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(),
+          "reached": len(vals), "of": len(values)}
 
 
 def aggregate(per_seed: list[dict], cfg: Config) -> tuple[dict, dict, dict]:

@@ -39,6 +39,7 @@ from experiments import _cli, _config, _runner
 from immunojax import attacks, data, spectral
 from immunojax.data.house_price import NUM_TRAIN, load_house_price
 from immunojax.methods import cond_num
+from immunojax.methods.cond_num.regularizers import weight
 
 PAPER = {  # Table 1 (spec §4.1; a third-party transcription, ratios checked)
     "cond_num": {"rir": 356.20, "kappa_ratio_harmful": 18.92,
@@ -112,16 +113,22 @@ def unavailable_reason(data_dir) -> str | None:
   return None
 
 
-def train(cfg: Config, run: _runner.Run, arrays, method: str, lam_p: float,
-          lam_h: float, *, name: str, checkpoint: bool = True,
+def problem_of(cfg: Config, arrays) -> cond_num.LinearProblem:
+  """The full-data Grams and preconditioners every method trains on."""
+  xp, _, xh, yh = arrays
+  return cond_num.linear_problem(xp, xh, yh,
+                                 preconditioner_kind=cfg.preconditioner)
+
+
+def train(cfg: Config, run: _runner.Run, arrays, problem, method: str,
+          lam_p: float, lam_h: float, *, name: str, checkpoint: bool = True,
           normalize: bool | None = None):
-  """Trains ``method``; with ``normalize=False`` and ``lam_* = None`` the
-  weights come from the paper's balancing rule at t = 0 (``lambda_p /
-  lambda_h`` kept as the ratio)."""
-  xp, yp, xh, yh = arrays
+  """Trains ``method`` on ``problem`` (:func:`problem_of`); with
+  ``normalize=False`` and ``lam_* = None`` the weights come from the
+  paper's balancing rule at t = 0 (``lambda_p / lambda_h`` kept as the
+  ratio)."""
+  xp, yp, _, _ = arrays
   normalize = cfg.normalize if normalize is None else normalize
-  problem = cond_num.linear_problem(xp, xh, yh,
-                                    preconditioner_kind=cfg.preconditioner)
   params0 = cond_num.init_params(xp.shape[1])
   if lam_h is None:
     lam = cond_num.linear.balanced_lambdas(
@@ -200,6 +207,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   methods["identity"], curves["identity"] = evaluate(
       jnp.eye(d), jnp.zeros((d, 1)), arrays, test, cfg)
   steps = cfg.epochs * data.steps_per_epoch(NUM_TRAIN, cfg.batch_size)
+  problem = problem_of(cfg, arrays)
   # The main table: every method under --normalize; with --compare-rules
   # also under the other rule (balanced weights: lam = None).
   rules = [cfg.normalize] + ([not cfg.normalize] if cfg.compare_rules else [])
@@ -212,12 +220,12 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
         continue
       lam = (cfg.lambda_p, cfg.lambda_h) if normalize else (None, None)
       theta, omega, used = train(
-          cfg, run, arrays, m, *lam, normalize=normalize,
+          cfg, run, arrays, problem, m, *lam, normalize=normalize,
           name=m if main else f"{m}_{_rule(normalize)}")
       ev, cv = evaluate(theta, omega, arrays, test, cfg)
       ev.update(trained_with=cfg.estimator, normalized=normalize,
                 lambdas=used, direction_alignment_t0=direction_alignment(
-                    cfg, arrays, m, normalize, used))
+                    cfg, problem, m, normalize, used))
       table[m] = ev
       if main:
         methods[m], curves[m] = ev, cv
@@ -230,7 +238,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
     if "cond_num" in methods and lam == cfg.lambda_p == cfg.lambda_h:
       ev = methods["cond_num"]     # the main run is this sweep point
     else:
-      theta, omega, _ = train(cfg, run, arrays, "cond_num", lam, lam,
+      theta, omega, _ = train(cfg, run, arrays, problem, "cond_num", lam, lam,
                               name=f"sweep_{lam:g}", checkpoint=False)
       ev, _ = evaluate(theta, omega, arrays, test, cfg)
     sweep.append({"lambda": lam, **{k: ev[k] for k in (
@@ -288,24 +296,20 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
           attacker_findings(methods)}
 
 
-def direction_alignment(cfg: Config, arrays, method: str, normalize: bool,
+def direction_alignment(cfg: Config, problem, method: str, normalize: bool,
                         lambdas: dict) -> float:
   """Cosine, at theta_0 = I, between the method's regularizer step (its
   terms weighted as trained) and the steepest-descent direction of
   ``log kappa(H_P) - log kappa(H_H)`` (pinv), the quantity RIR measures:
   1 means the step points straight at raising RIR."""
-  xp, _, xh, yh = arrays
-  problem = cond_num.linear_problem(xp, xh, yh,
-                                    preconditioner_kind=cfg.preconditioner)
-  theta = jnp.eye(xp.shape[1])
+  theta = jnp.eye(problem.k_p.shape[0])
   terms = cond_num.linear.method_terms(
       method, problem, precondition_side=cfg.precondition_side,
       estimator=spectral.estimator(cfg.estimator))
   step = jnp.zeros_like(theta)
   for j, term in terms.items():
     d = term(theta)[0]
-    lam = lambdas[f"lambda_{j}"]
-    step = step + lam * (d / jnp.linalg.norm(d) if normalize else d)
+    step = step + weight(lambdas[f"lambda_{j}"], normalize)(d)
   log_k = lambda s: spectral.log_condition_number(s)
   target = jax.grad(lambda t: log_k(t.T @ problem.k_p @ t)
                     - log_k(t.T @ problem.k_h @ t))(theta)

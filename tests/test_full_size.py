@@ -1,7 +1,7 @@
 """Full-size experiment runs (``pytest -m slow``): the headline figures the
 README and the closing notes quote, checked against what was measured.
 
-Each run takes from under a minute to ~26 minutes on 2 cores (the README's
+Each run takes from under a minute to ~27 minutes on 2 cores (the README's
 table); the default suite runs the --quick sizes
 (tests/test_experiments.py) instead.
 """
