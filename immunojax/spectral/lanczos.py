@@ -1,4 +1,4 @@
-"""Symmetric Lanczos: matrix-free extreme eigenvalues and Ritz pairs.
+"""Symmetric Lanczos, fixed number of steps, on flat vectors.
 
 Takes ``matvec: (D,) -> (D,)`` (e.g. :func:`hvp`) and a static dimension,
 runs inside ``jit`` (``lax.fori_loop``), and is ``vmap``-able over keys. Power
@@ -118,8 +118,12 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, *,
 
   Differentiation: forward mode works; reverse mode does not (the sweeps
   over the filled basis are loops of data-dependent length). Differentiate
-  the dense path (:func:`immunojax.spectral.eigenvalues`) or use the
-  eigenvector: ``d lambda = v^T dA v``.
+  the dense path (:func:`immunojax.spectral.eigenvalues`) or use
+  :func:`immunojax.spectral.top_hessian_eigenvalue` (``d lambda = v^T dH v``).
+
+  This is the fixed-step, flat-vector layer. For "the top eigenvalue to a
+  tolerance", with a certified bound, pytree operators and bounded memory,
+  use :func:`immunojax.spectral.top_eigenvalues`.
   """
   dim, num_steps = _check_sizes(dim, num_steps)
   if key is None:
@@ -164,7 +168,10 @@ def lanczos(matvec: Matvec, dim: int, num_steps: int, *,
 
     q_next = jax.lax.cond(broke, fresh, lambda _: w, None)
     beta = jnp.where(broke, 0.0, beta)
-    return (basis.at[i + 1].set(q_next), alphas.at[i].set(alpha),
+    # dynamic_update_index_in_dim, not .at[].set: a scatter's out-of-bounds
+    # guard is a select over the whole basis (a full pass every step).
+    return (jax.lax.dynamic_update_index_in_dim(basis, q_next, i + 1, 0),
+            alphas.at[i].set(alpha),
             betas.at[i].set(beta))
 
   basis, alphas, betas = jax.lax.fori_loop(0, k, body, (basis, alphas, betas))
