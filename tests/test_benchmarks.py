@@ -13,7 +13,11 @@ import pytest
                   "cond_num_steps_per_second"]),
     ("bilevel", ["second_order_overhead", "remat_memory_ratio"]),
     ("spectrum", ["lanczos_overhead_vs_hvp", "closed_form_speedup_vs_hessian",
-                  "lanczos_speedup_vs_eigsh_at_largest"]),
+                  "lanczos_speedup_vs_eigsh_at_largest",
+                  "certified_speedup_vs_power", "certified_relative_error",
+                  "true_relative_error", "power_true_relative_error",
+                  "mixed_precision_time_ratio", "restarted_memory_ratio",
+                  "restarted_time_ratio"]),
 ])
 def test_benchmark_quick_writes_summary(tmp_path, name, keys):
   import importlib
