@@ -80,8 +80,10 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
     eval_every: steps between evaluations; must divide ``K``. Required with
       ``eval_fn``.
     axis_name: average gradients (and the logged loss) over this named axis
-      (``lax.pmean``), e.g. the batch-sharding axis of a ``shard_map`` or a
-      ``vmap(..., axis_name=...)``; None: no collective.
+      (``lax.pmean``), e.g. the batch-sharding axis of a ``shard_map`` with
+      ``check_vma=False`` (with it on, gradients of replicated parameters
+      arrive summed already) or a ``vmap(..., axis_name=...)``; None: no
+      collective.
     check_finite: when called eagerly, raise if any step's loss is NaN/Inf.
 
   Returns:

@@ -12,7 +12,12 @@ attacker sets, hyper-parameters) goes in at construction; ``update`` is pure
 and jit-able, and its ``batch`` is whatever the method consumes per step
 (documented by each factory). Factories take an optional ``axis_name``: the
 gradient is then averaged over that named device axis, so sharding wraps a
-method without changing it.
+method without changing it: :func:`immunojax.parallel.per_device` runs it
+under ``shard_map`` (with ``check_vma=False``: JAX's replication checking
+would already sum the gradients of replicated parameters, and the ``pmean``
+would count them once per device), ``vmap(..., axis_name=)`` over
+simulated workers. Without ``axis_name``,
+:func:`immunojax.parallel.data_parallel` shards by compiler propagation.
 
 :func:`descend` builds the common case, an optimizer following a direction
 (a gradient plus regularizer terms); :func:`supervised` is plain training

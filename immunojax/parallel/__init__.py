@@ -1,0 +1,25 @@
+"""Sharding over devices and hosts.
+
+* :func:`local_mesh` / :func:`global_mesh`: the devices a run uses.
+* :func:`data_parallel`: any ``update(state, batch, key)`` with its batch
+  split over a mesh axis (``jit`` + sharding constraints; the compiler
+  reduces the gradients).
+* :func:`per_device`: the same with ``shard_map`` and an immunizer's
+  ``axis_name`` collectives.
+* :func:`sharded_vmap`: a ``vmap`` whose jobs (attackers, concepts,
+  simulated environments) are spread over devices with ``shard_map``.
+* :func:`initialize` / :func:`is_primary`: several processes as one program.
+"""
+
+from immunojax.parallel.data import (batch_shardings, constrain,
+                                     data_parallel, per_device, shard_batch,
+                                     state_shardings)
+from immunojax.parallel.distributed import initialize, is_primary
+from immunojax.parallel.grid import MapFn, sequential_map, sharded_vmap
+from immunojax.parallel.mesh import (DATA, global_mesh, local_mesh,
+                                     replicated, size)
+
+__all__ = ["DATA", "MapFn", "batch_shardings", "constrain", "data_parallel",
+           "global_mesh", "initialize", "is_primary", "local_mesh",
+           "per_device", "replicated", "sequential_map", "shard_batch",
+           "sharded_vmap", "size", "state_shardings"]
