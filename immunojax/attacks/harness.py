@@ -3,7 +3,8 @@
 Every attack is one fine-tuning run (:func:`immunojax.modes.adapt`, one
 ``lax.scan`` that evaluates the held-out metric every ``eval_every`` steps).
 Attacks that share (optimizer, batch size, mode, steps) run as one jitted
-call ``vmap``-ed over learning rates and seeds. Several targets that differ
+call ``vmap``-ed over learning rates and seeds (or spread over devices:
+``attack_map``). Several targets that differ
 only in their arrays (one per concept, say) can be attacked in one call: each
 group is compiled once for all of them.
 """
@@ -95,28 +96,29 @@ _GROUP_FNS: dict = {}
 
 
 def _cached_group_fn(target: Target, optimizer: str, batch_size: int,
-                     mode: str, steps: int, eval_every: int):
+                     mode: str, steps: int, eval_every: int, attack_map):
   """:func:`_group_fn`, reused across calls whose targets share their
   functions and options (so a loop over seeds compiles each group once)."""
   key = (target.loss_fn, target.metric_fn, tuple(target.head),
          target.lora_config, tuple((k, tuple(v)) for k, v in
                                    target.masked_modes.items()),
          target.eval_data is None, optimizer, batch_size, mode, steps,
-         eval_every)
+         eval_every, attack_map)
   try:
     hash(key)
   except TypeError:           # e.g. an unhashable lora_config
-    return _group_fn(target, optimizer, batch_size, mode, steps, eval_every)
+    return _group_fn(target, optimizer, batch_size, mode, steps, eval_every,
+                     attack_map)
   if key not in _GROUP_FNS:
     if len(_GROUP_FNS) >= 64:           # bounded: drop the oldest
       _GROUP_FNS.pop(next(iter(_GROUP_FNS)))
     _GROUP_FNS[key] = _group_fn(target, optimizer, batch_size, mode, steps,
-                                eval_every)
+                                eval_every, attack_map)
   return _GROUP_FNS[key]
 
 
 def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
-              steps: int, eval_every: int):
+              steps: int, eval_every: int, attack_map):
   """One compiled ``(lrs, seeds, params, train_data, eval_data) -> curves``
   per group, reused for every start point and every target of that shape."""
   attacker = _attacker(target, mode)
@@ -147,7 +149,7 @@ def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
                        metric, jnp.nan)
     return metric, res.metrics["loss"][eval_every - 1::eval_every], ~finite[-1]
 
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
+  return jax.jit(attack_map(one, in_axes=(0, 0, None, None, None)))
 
 
 class AttackCurves(NamedTuple):
@@ -165,7 +167,8 @@ class AttackCurves(NamedTuple):
 
 def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
                 target: Target | Mapping[str, Target], *,
-                eval_every: int = 10) -> AttackCurves | dict[str, AttackCurves]:
+                eval_every: int = 10, attack_map: Callable = jax.vmap
+                ) -> AttackCurves | dict[str, AttackCurves]:
   """Runs every attack from every start point (e.g. protected / original /
   scratch) and records the held-out metric every ``eval_every`` steps.
 
@@ -178,6 +181,9 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
       their functions and options and differ in ``train_data`` /
       ``eval_data`` (e.g. one per concept): each group then compiles once
       for all of them (once per distinct array shape).
+    attack_map: how a group's attacks are mapped: ``jax.vmap`` (default),
+      or :func:`immunojax.parallel.sharded_vmap` to spread them over
+      devices (same curves).
 
   Returns:
     :class:`AttackCurves`, or a dict of them keyed like ``target``.
@@ -207,7 +213,8 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
   for i, a in enumerate(attacks):
     groups.setdefault((a.optimizer, a.batch_size, a.mode, a.steps), []).append(i)
   out = {}
-  fns = {g: _cached_group_fn(first, *g, eval_every) for g in groups}
+  fns = {g: _cached_group_fn(first, *g, eval_every, attack_map)
+         for g in groups}
   for tname, tgt in targets.items():
     metric, final_loss, steps, diverged = {}, {}, {}, {}
     for name in start_points:

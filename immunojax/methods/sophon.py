@@ -39,13 +39,20 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from immunojax import _checks, losses, modes
 from immunojax.immunizer import Immunizer
 from immunojax.optimizers import OPTIMIZERS, make_optimizer
+from immunojax.parallel.grid import sequential_map
+from immunojax.parallel.mesh import DATA
 
 PyTree = Any
 ENV_MODES = ("full", "head", "reinit_head")
+# How an update's batch splits over a data-parallel mesh: along the example
+# axis of each restricted (D, K, B, ...) and original (steps, B, ...) array.
+BATCH_SPEC = {"restricted": PartitionSpec(None, None, DATA),
+              "original": PartitionSpec(None, DATA)}
 
 
 class Environment(NamedTuple):
@@ -96,7 +103,9 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
            support_fraction: float = 0.9, ntr_steps: int = 1,
            first_order: bool = True, guard: Guard | None = None,
            remat: bool | str = False,
-           axis_name: str | None = None) -> Immunizer:
+           axis_name: str | None = None,
+           environments_per_update: int = 1,
+           environment_map: Callable = sequential_map) -> Immunizer:
   """SOPHON as an :class:`~immunojax.immunizer.Immunizer`.
 
   ``update(state, batch, key)`` takes ``batch = {"restricted": (x, y),
@@ -104,7 +113,9 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
   (``D`` domains, ``K`` inner steps, batches of ``B``, split
   ``support_fraction`` / rest into support and query) and original arrays of
   shape ``(ntr_steps, B, ...)``. The key samples the environment, the splits
-  and any fresh head.
+  and any fresh head. Metrics: ``fts_loss``, ``ntr_loss`` and
+  ``environment`` (the sampled index; shape ``(N,)`` for
+  ``environments_per_update=N > 1``), plus the guard's score.
 
   Args:
     apply: ``apply(params, x) -> logits`` (or a denoiser's prediction).
@@ -127,6 +138,15 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
       :func:`immunojax.finetune.finetune`): ``"nested"`` keeps the
       second-order loop's memory near ``sqrt(K)`` carries.
     axis_name: average both modules' gradients over this device axis.
+    environments_per_update: the paper's ``N``: independent simulated
+      attacks per FTS update, each sampling its own environment and
+      support/query split of the same restricted batch; their
+      meta-gradients are averaged (the released code: 1).
+    environment_map: how those simulations are mapped:
+      :func:`immunojax.parallel.sequential_map` (default: one after another,
+      each running only its own environment's branch), or
+      ``parallel.sharded_vmap(mesh, local=parallel.sequential_map)`` to
+      spread them over devices (same result).
   """
   if not environments:
     raise ValueError("sophon needs at least one simulated Environment")
@@ -140,6 +160,8 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
     raise ValueError(f"support_fraction must be in (0, 1), got "
                      f"{support_fraction}")
   ntr_steps = _checks.check_positive_int(ntr_steps, "ntr_steps")
+  num_envs = _checks.check_positive_int(environments_per_update,
+                                        "environments_per_update")
   fts_opt = fts_optimizer or optax.chain(optax.clip_by_global_norm(0.5),
                                          optax.adam(9e-4))
   ntr_opt = ntr_optimizer or optax.adam(1.5e-3)
@@ -211,13 +233,22 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
     value, grad = jax.lax.switch(index, branches, params)
     return value, grad, index
 
+  def fts_mean(params, restricted, key):
+    """:func:`fts_value_and_grad` averaged over ``num_envs`` simulations."""
+    if num_envs == 1:
+      return fts_value_and_grad(params, restricted, key)
+    values, grads, indices = environment_map(
+        fts_value_and_grad, in_axes=(None, None, 0))(
+            params, restricted, jax.random.split(key, num_envs))
+    return (jnp.mean(values), jax.tree_util.tree_map(
+        lambda g: jnp.mean(g, axis=0), grads), indices)
+
   def init(params, key):
     del key
     return SophonState(params, fts_opt.init(params), ntr_opt.init(params))
 
   def update(state, batch, key):
-    fts, g, env_index = fts_value_and_grad(state.params, batch["restricted"],
-                                           key)
+    fts, g, env_index = fts_mean(state.params, batch["restricted"], key)
     if axis_name is not None:
       g = jax.lax.pmean(g, axis_name)
     u, fts_state = fts_opt.update(g, state.fts_state, state.params)

@@ -108,7 +108,8 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
          inner_optimizer: optax.GradientTransformation | None = None,
          scheme: Scheme = "unrolled", first_order: bool = False,
          prior_weight: float = 1.0, remat: bool | str = False,
-         axis_name: str | None = None) -> Immunizer:
+         axis_name: str | None = None,
+         concept_map: Callable = jax.vmap) -> Immunizer:
   """MIMA (or IMMA with ``merge=single()``) as an Immunizer.
 
   Args:
@@ -133,13 +134,17 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
       objective).
     remat: passed to the inner fine-tuning (``"unrolled"``).
     axis_name: average gradients over this named axis.
+    concept_map: how the per-concept adaptations are mapped: ``jax.vmap``
+      (default), or :func:`immunojax.parallel.sharded_vmap` to spread the
+      concepts over devices (same result).
   """
   _checks.check_choice(scheme, SCHEMES, "scheme")
   if not inner_lr >= 0:
     raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
   if scheme == "unrolled":
     return _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer,
-                     first_order, prior_weight, remat, axis_name)
+                     first_order, prior_weight, remat, axis_name,
+                     concept_map)
   if lower.name not in ("full", "masked", "head"):
     raise ValueError(f"scheme 'alternating' moves the live parameters; lower "
                      f"mode {lower.name!r} trains separate adapters (use "
@@ -150,7 +155,7 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
   return _alternating(loss_fn, merge, upper, lower, inner_lr,
                       optimizer, inner_optimizer or optax.adamw(
                           inner_lr, weight_decay=1e-2), prior_weight,
-                      axis_name)
+                      axis_name, concept_map)
 
 
 def imma(loss_fn: Callable[[PyTree, Any], jax.Array], **options
@@ -165,7 +170,7 @@ def imma(loss_fn: Callable[[PyTree, Any], jax.Array], **options
 
 
 def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
-              prior_weight, remat, axis_name):
+              prior_weight, remat, axis_name, concept_map):
   inner = optax.sgd(inner_lr)
 
   def direction(params, batch, key):
@@ -176,7 +181,7 @@ def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
         return modes.adapt(lower, p, loss_fn, inner, b, key=k,
                            first_order=first_order, remat=remat,
                            check_finite=False)
-      res = jax.vmap(adapt_one)(batch["lower"], jax.random.split(key, n))
+      res = concept_map(adapt_one)(batch["lower"], jax.random.split(key, n))
       merged = merge.apply(p, res.params)
       total, metrics = _upper_loss(loss_fn, merged, batch, prior_weight)
       return total, {"inner_loss": jnp.mean(res.metrics["loss"]), **metrics}
@@ -188,7 +193,7 @@ def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
 
 
 def _alternating(loss_fn, merge, upper, lower, inner_lr, optimizer,
-                 inner_optimizer, prior_weight, axis_name):
+                 inner_optimizer, prior_weight, axis_name, concept_map):
   def sets(params):
     lower_mask = lower.prepare(params, jax.random.PRNGKey(0)).mask
     if lower_mask is None:
@@ -215,8 +220,8 @@ def _alternating(loss_fn, merge, upper, lower, inner_lr, optimizer,
 
     def lower_step(carry, b):              # b: leaves (N, ...)
       p, s = carry
-      losses, g = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
-          p, b)
+      losses, g = concept_map(jax.value_and_grad(loss_fn),
+                              in_axes=(None, 0))(p, b)
       if axis_name is not None:
         g, losses = jax.lax.pmean((g, losses), axis_name)
       copies = jax.tree_util.tree_map(lambda w, gn: w[None] - inner_lr * gn,
