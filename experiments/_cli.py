@@ -16,7 +16,8 @@ from pathlib import Path
 
 from experiments import _config
 from experiments._runner import (CheckpointError, DivergedError, Run,
-                                 RunOptions, UsageError, fmt, prepare_dir)
+                                 RunOptions, UsageError, fmt, prepare_dir,
+                                 start_devices)
 
 
 def parse(name: str, config_cls, quick: dict, argv=None, description=""):
@@ -44,10 +45,22 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
                       help="steps between checkpoints of long loops [default: 50]")
   parser.add_argument("--keep-checkpoints", type=int, default=2,
                       help="checkpoints kept per loop [default: 2]")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="data- and attacker-parallel over the first N "
+                      "local devices (on CPU, N simulated devices) "
+                      "[default: 1]")
+  parser.add_argument("--distributed", action="store_true",
+                      help="join a multi-process run (one process per host): "
+                      "coordinator, process count and id from "
+                      "IMMUNOJAX_COORDINATOR_ADDRESS / IMMUNOJAX_NUM_PROCESSES "
+                      "/ IMMUNOJAX_PROCESS_ID or the cluster (SLURM, ...); "
+                      "the mesh spans every process's devices (--devices "
+                      "local devices each)")
   _config.add_config_arguments(parser, config_cls, quick)
   args = parser.parse_args(argv)
   run_keys = {"quick", "out", "config", "resume", "overwrite", "quiet",
-              "checkpoint_every", "keep_checkpoints", "fallback"}
+              "checkpoint_every", "keep_checkpoints", "fallback", "devices",
+              "distributed"}
   cli_values = {k: v for k, v in vars(args).items() if k not in run_keys}
   file_values = _config.load_config_file(args.config) if args.config else None
   config = _config.resolve(config_cls, quick=args.quick, quick_overrides=quick,
@@ -57,6 +70,8 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
   if args.keep_checkpoints < 1:
     parser.error("--keep-checkpoints must be >= 1 (0 would keep no "
                  "checkpoint, so a crash could not be resumed)")
+  if args.devices < 1:
+    parser.error("--devices must be >= 1")
   if args.fallback and not args.resume:
     parser.error("--fallback goes with --resume")
   if args.resume and args.overwrite:
@@ -69,7 +84,8 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
                        quiet=args.quiet, quick=args.quick,
                        checkpoint_every=args.checkpoint_every,
                        keep_checkpoints=args.keep_checkpoints,
-                       fallback=args.fallback)
+                       fallback=args.fallback, devices=args.devices,
+                       distributed=args.distributed)
   return config, options
 
 
@@ -96,9 +112,10 @@ def entry_point(name: str, config_cls, run_fn, *, quick: dict,
           preflight(config)
         except (ValueError, OSError) as e:
           raise UsageError(str(e)) from None
+      import jax  # noqa: PLC0415
       if x64:
-        import jax  # noqa: PLC0415
         jax.config.update("jax_enable_x64", True)
+      start_devices(options)
       prepare_dir(name, config, options)
       run = Run(name, config, options)
       summary = run.finish(run_fn(config, run))

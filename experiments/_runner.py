@@ -64,6 +64,8 @@ class RunOptions:
   checkpoint_every: int
   keep_checkpoints: int
   fallback: bool = False
+  devices: int = 1
+  distributed: bool = False
 
 
 def jsonable(x):
@@ -110,11 +112,36 @@ class Run:
     self._metrics_path = self.out / "metrics.jsonl"
     self._start = time.perf_counter()
     self.figures: list[dict] = []
+    self.mesh = run_mesh(options)
+    self._maps: dict = {}
+    self._steps: dict = {}
+
+  @property
+  def primary(self) -> bool:
+    """True in the process that writes (always, in a one-process run)."""
+    import jax  # noqa: PLC0415
+    return jax.process_index() == 0
+
+  def grid_map(self, local=None):
+    """The map function for independent jobs (attackers, concepts,
+    simulated environments): ``local`` itself (default ``jax.vmap``) on one
+    device, else :func:`immunojax.parallel.sharded_vmap` over the run's
+    devices. One object per ``local``, so jitted callers cache."""
+    import jax  # noqa: PLC0415
+    local = jax.vmap if local is None else local
+    if self.mesh is None:
+      return local
+    if local not in self._maps:
+      from immunojax import parallel  # noqa: PLC0415
+      self._maps[local] = parallel.sharded_vmap(self.mesh, local=local)
+    return self._maps[local]
 
   # ------------------------------------------------------------- logging
   def log(self, step: int, loop: str = "main", **metrics) -> None:
     """Appends one JSON object to metrics.jsonl."""
     record = {"loop": loop, "step": int(step), **jsonable(metrics)}
+    if not self.primary:
+      return
     with self._metrics_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
@@ -133,14 +160,17 @@ class Run:
     return out
 
   def print(self, *args) -> None:
-    """Status lines; always shown (``--quiet`` only hides progress bars)."""
-    print(*args, flush=True)
+    """Status lines; always shown (``--quiet`` only hides progress bars),
+    by the primary process only."""
+    if self.primary:
+      print(*args, flush=True)
 
   def progress(self, iterable, *, desc: str, total: int | None = None,
                initial: int = 0):
     from tqdm.auto import tqdm  # noqa: PLC0415
     return tqdm(iterable, desc=desc, total=total, initial=initial,
-                disable=self.options.quiet or not sys.stderr.isatty(),
+                disable=(self.options.quiet or not sys.stderr.isatty()
+                         or not self.primary),
                 leave=False, dynamic_ncols=True)
 
   # -------------------------------------------------------------- figures
@@ -162,7 +192,8 @@ class Run:
     import matplotlib.pyplot as plt  # noqa: PLC0415
     path = self.plot_path(name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if self.primary:
+      fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -233,7 +264,7 @@ class Run:
         raise
 
   def _drop_metrics_after(self, loop: str, step: int) -> None:
-    if not self._metrics_path.exists():
+    if not self.primary or not self._metrics_path.exists():
       return
     lines = self._metrics_path.read_text().splitlines()
     kept = []
@@ -314,7 +345,7 @@ class Run:
   def fit(self, loop: str, immunizer, state: Any,
           sample: Callable[[Any, Any], Any], data: Any, num_steps: int, *,
           key=None, log_every: int = 10, desc: str | None = None,
-          checkpoint: bool = True) -> Any:
+          checkpoint: bool = True, batch_spec: Any = None) -> Any:
     """:meth:`loop` over ``jit(immunizer.update)``.
 
     Step ``t`` feeds the batch ``sample(data, t)`` (a pure function of the
@@ -324,17 +355,48 @@ class Run:
     that pass the same ``immunizer`` and ``sample`` objects with data of
     one shape share one compilation.
 
+    On several devices (``--devices N``) the batch is split over them
+    (:func:`immunojax.parallel.batch_shardings`; ``batch_spec`` says which
+    axis, default the leading one) and the state is replicated: the
+    compiler reduces the gradients, and the result equals the one-device
+    run up to the order of floating-point sums.
+
     Returns:
       The final state.
     """
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     key = jax.random.PRNGKey(0) if key is None else key
-    step = _jitted_update()
+    step = (_jitted_update() if self.mesh is None else
+            self._sharded_update(batch_spec))
     return self.loop(
         loop, state,
         lambda s, t: step(immunizer, sample, s, jnp.asarray(t), data, key),
         num_steps, log_every=log_every, desc=desc, checkpoint=checkpoint)
+
+  def split_batch(self, batch, spec=None):
+    """Inside a jitted step: ``batch`` split over the run's devices
+    (:func:`immunojax.parallel.batch_shardings`); unchanged on one."""
+    if self.mesh is None:
+      return batch
+    from immunojax import parallel  # noqa: PLC0415
+    return parallel.constrain(
+        batch, parallel.batch_shardings(batch, self.mesh, spec))
+
+  def _sharded_update(self, batch_spec):
+    """:func:`_jitted_update` with the batch split over the run's mesh."""
+    import jax  # noqa: PLC0415
+    from immunojax import parallel  # noqa: PLC0415
+    tag = repr(batch_spec)
+    if tag not in self._steps:
+      def step(immunizer, sample, state, t, data, key):
+        batch = self.split_batch(sample(data, t), batch_spec)
+        return immunizer.update(state, batch, jax.random.fold_in(key, t))
+
+      rep = parallel.replicated(self.mesh)
+      self._steps[tag] = jax.jit(step, static_argnums=(0, 1),
+                                 in_shardings=rep, out_shardings=rep)
+    return self._steps[tag]
 
   # --------------------------------------------------------------- finish
   def finish(self, summary: dict) -> dict:
@@ -344,8 +406,9 @@ class Run:
     summary["quick"] = self.options.quick
     summary["figures"] = self.figures
     summary["wall_seconds"] = time.perf_counter() - self._start
-    (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (self.out / "report.md").write_text(run_report(summary, self.out))
+    if self.primary:
+      (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+      (self.out / "report.md").write_text(run_report(summary, self.out))
     return summary
 
 
@@ -455,14 +518,73 @@ def _remove_run(out: Path) -> None:
     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def start_devices(options: RunOptions) -> None:
+  """Before JAX starts: on CPU, asks for ``--devices`` simulated devices,
+  joins a multi-process run (``--distributed``), then checks the devices
+  are there.
+
+  Raises:
+    UsageError: the devices or the cluster settings are not there.
+  """
+  import jax  # noqa: PLC0415
+  from immunojax import parallel  # noqa: PLC0415
+  if options.devices > 1 and "xla_force_host_platform_device_count" not in \
+      os.environ.get("XLA_FLAGS", ""):
+    try:
+      jax.config.update("jax_num_cpu_devices", options.devices)
+    except RuntimeError:
+      pass     # JAX already started (an in-process call): checked below
+  if options.distributed:
+    try:
+      parallel.initialize()
+    except (ValueError, RuntimeError) as e:
+      raise UsageError(f"--distributed: {e}") from None
+  try:
+    parallel.local_mesh(options.devices)
+  except ValueError as e:
+    raise UsageError(f"--devices {options.devices}: {e}") from None
+
+
+def run_mesh(options: RunOptions):
+  """The run's device mesh: None on one device in one process."""
+  if options.devices == 1 and not options.distributed:
+    return None
+  from immunojax import parallel  # noqa: PLC0415
+  if options.distributed:
+    return parallel.global_mesh()
+  return parallel.local_mesh(options.devices)
+
+
 def prepare_dir(name: str, config, options: RunOptions) -> None:
-  """Creates (or checks, for --resume) the run directory.
+  """Creates (or checks, for --resume) the run directory; in a
+  multi-process run only the primary process does (the others wait).
 
   Raises:
     UsageError: ``--out`` is a file, cannot be created, holds something
       that is not a run of ours (``--overwrite`` deletes only our runs),
       nothing to resume, or a resume with other options.
   """
+  import jax  # noqa: PLC0415
+  if jax.process_count() > 1:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        _prepare_dir(name, config, options)
+      except UsageError as e:
+        error = e
+    _sync("prepare_dir")
+    if error is not None:
+      raise error
+    return
+  _prepare_dir(name, config, options)
+
+
+def _sync(tag: str) -> None:
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  multihost_utils.sync_global_devices(f"immunojax {tag}")
+
+
+def _prepare_dir(name: str, config, options: RunOptions) -> None:
   out = options.out
   config_dict = _config.as_dict(config)
   if out.exists() and not out.is_dir():

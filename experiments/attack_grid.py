@@ -94,7 +94,8 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   run.print(f"[attack_grid] {len(grid)} attacks x 2 start points")
   curves = attacks.run_attacks(grid, {"pretrained": pretrained,
                                       "scratch": init_params},
-                               target, eval_every=cfg.eval_every)
+                               target, eval_every=cfg.eval_every,
+                               attack_map=run.grid_map())
   summary = attacks.summarize(curves, threshold=cfg.threshold)
   (run.out / "attack_curves.json").write_text(json.dumps(_plots.curves_json(curves)))
   _plots.attack_curves(run, curves, ylabel="harmful test accuracy",

@@ -233,7 +233,7 @@ def one_seed(cfg: Config, run: _runner.Run, su: Setup, seed: int) -> dict:
                         steps=(cfg.probe_steps,))
     curves[opt] = attacks.run_attacks(
         grid, {n: probe_params(p) for n, p in starts.items()}, target,
-        eval_every=cfg.probe_steps // 10)
+        eval_every=cfg.probe_steps // 10, attack_map=run.grid_map())
   for name, p in starts.items():
     f_tr, f_te = features(p, xh), features(p, xht)
     row = rows[name]

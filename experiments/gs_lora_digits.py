@@ -172,7 +172,7 @@ def build(cfg: Config, seed: int):
 PRETRAIN_BATCH = 64
 
 
-def make_pretrainer(cfg: Config, forward, npad: int):
+def make_pretrainer(cfg: Config, forward, npad: int, split=lambda b: b):
   """``epoch(state, x, y, idx, n, key, e) -> (state, {"loss"})``: one
   epoch of AdamW (wd 0.05 on matrices, cosine over ``pretrain_epochs``) on
   CosFace cross-entropy with dropout, over the first ``n`` of the padded
@@ -200,8 +200,9 @@ def make_pretrainer(cfg: Config, forward, npad: int):
         j, _ = data.padded_batch_positions(key, n, npad, bs, e * spe + t,
                                            spe)
         b = idx[j]
+        xb, yb = split((x[b], y[b]))       # over the run's devices
         value, g = jax.value_and_grad(loss)(
-            params, x[b], y[b], jax.random.fold_in(key, 10 ** 6 + e * spe + t))
+            params, xb, yb, jax.random.fold_in(key, 10 ** 6 + e * spe + t))
         u, opt_state = opt.update(g, opt_state, params)
         return ((optax.apply_updates(params, u), opt_state),
                 value.astype(jnp.float32))
@@ -235,7 +236,7 @@ def _matrices(params):
 
 # ------------------------------------------------------------ task runs
 def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
-                fpad: int, head_frozen):
+                fpad: int, head_frozen, split=lambda b: b):
   """One jitted ``run(start, x, y, task, coeffs, key)`` per (family, batch
   size, padding): every task and variant reuses its compilation."""
   steps_max = cfg.epochs * math.ceil(npad / bs)
@@ -291,7 +292,8 @@ def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
       ir, wr = data.padded_batch_positions(k_r, n_r, npad, bs, t, spe)
       jf, wf = data.padded_batch_positions(k_f, n_f, fpad, bs_f, t, spe_f)
       ir, jf = task["retain_idx"][ir], task["forget_idx"][jf]
-      return {"retain": (x[ir], y[ir], wr), "forget": (x[jf], y[jf], wf)}
+      return split({"retain": (x[ir], y[ir], wr),
+                    "forget": (x[jf], y[jf], wf)})
 
     shapes = jax.eval_shape(lambda s: imm.update(s, batch(0), k_step)[1],
                             state)
@@ -395,7 +397,8 @@ def run_method(cfg, run, ctx, regime, method):
   fpad = max(len(f) for _, f in ctx["all_subsets"][bs])
   if (family, bs) not in ctx["runners"]:
     ctx["runners"][family, bs] = make_runner(
-        cfg, ctx["forward"], family, bs, npad, fpad, ctx["head_frozen"])
+        cfg, ctx["forward"], family, bs, npad, fpad, ctx["head_frozen"],
+        run.split_batch)
   runner = ctx["runners"][family, bs]
   ev, tasks = ctx["evaluator"], ctx["tasks"]
   x, y = ctx["x_train"], ctx["y_train"]
@@ -482,7 +485,8 @@ def relearning_probe(cfg, run, ctx, starts):
                       modes=cfg.probe_modes, steps=(cfg.probe_steps,))
   run.print(f"relearning probe: {len(grid)} attacks x {len(starts)} starts, "
             f"{cfg.probe_shots} shots of each class")
-  curves = attacks.run_attacks(grid, starts, target, eval_every=10)
+  curves = attacks.run_attacks(grid, starts, target, eval_every=10,
+                               attack_map=run.grid_map())
   summary = attacks.summarize(curves, threshold=cfg.probe_threshold,
                               scratch=None)
   best = {s: _runner.jsonable(np.nanmax(curves.metric[s], axis=0))
@@ -506,7 +510,8 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   forward, init = build(cfg, cfg.seed)
   ctx = {"forward": forward, "init": init,
          "x_train": jnp.asarray(x_train), "y_train": jnp.asarray(y_train),
-         "pretrainer": make_pretrainer(cfg, forward, len(y_train))}
+         "pretrainer": make_pretrainer(cfg, forward, len(y_train),
+                                       run.split_batch)}
   order = continual.class_order(10, cfg.seed + 1337)
   tasks = continual.tasks(order, first_retained=cfg.first_retained,
                           per_task=cfg.per_task, num_tasks=cfg.num_tasks)

@@ -328,7 +328,7 @@ def immunize(cfg: Config, run: _runner.Run, st: Setting, erased):
   keys, reg = merge_keys(cfg, st)
   common = dict(upper=UPPER, lower=modes.masked(LOWER),
                 inner_lr=cfg.inner_lr, optimizer=opt, scheme=cfg.scheme,
-                prior_weight=cfg.prior_weight)
+                prior_weight=cfg.prior_weight, concept_map=run.grid_map())
   d = immunization_data(cfg, st, cfg.concepts)
   key = jax.random.PRNGKey(cfg.seed + 5)
   c = len(cfg.concepts)
@@ -453,7 +453,8 @@ def attack_all(cfg: Config, run: _runner.Run, st: Setting, metric, starts):
                            cfg.attack_steps, seed=cfg.seed)]
     curves = attacks.run_attacks(grid, starts,
                                  attack_targets(cfg, st, metric, mode),
-                                 eval_every=cfg.eval_every)
+                                 eval_every=cfg.eval_every,
+                                 attack_map=run.grid_map())
     # per concept: the attack on concept k, scored on concept k
     per = {s: np.stack([curves[str(k)].metric[s][0][:, i]
                         for i, k in enumerate(cfg.concepts)], axis=1)

@@ -110,7 +110,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
 
   state = run.fit("protect", imm, imm.init(pretrained, key), sample,
                   (r_train, o_train), cfg.loops, key=key,
-                  desc="SOPHON (denoiser, DoS)")
+                  desc="SOPHON (denoiser, DoS)", batch_spec=sp.BATCH_SPEC)
   protected = imm.params(state)
   logged = run.records("protect")
   starts = {"scratch": init, "original": pretrained, "protected": protected}
@@ -119,7 +119,8 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   rspe = data.steps_per_epoch(len(r_train[0]), cfg.attack_batch)
   attack = attacks.Attack("adam", cfg.attack_lr, cfg.attack_batch, "full",
                           cfg.epochs * rspe)
-  curves = attacks.run_attacks([attack], starts, target, eval_every=rspe)
+  curves = attacks.run_attacks([attack], starts, target, eval_every=rspe,
+                               attack_map=run.grid_map())
   per = {s: [float(v) for v in curves.metric[s][0]] for s in starts}
   out = {"restricted_mse_after_finetune": {s: per[s][-1] for s in starts},
          "restricted_mse_before_finetune": {s: per[s][0] for s in starts},

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from experiments import _cli, _config, _plots, _pretrain, _runner
-from immunojax import attacks, data, losses, models
+from immunojax import attacks, data, losses, models, parallel
 from immunojax.data import domains as doms
 from immunojax.methods import sophon as sp
 
@@ -55,6 +55,9 @@ class Config:
   ntr_lr: float = 1.5e-3
   clip: float = 0.5
   first_order: bool = True
+  environments_per_update: int = dataclasses.field(default=1, metadata={
+      "help": "the paper's N: simulated attacks per FTS update, averaged "
+              "(spread over --devices)"})
   env_modes: tuple[Mode, ...] = ("reinit_head", "full", "head")
   env_optimizers: tuple[_config.Optimizer, ...] = ("sgd", "adam")
   env_sgd_lr: float = dataclasses.field(default=0.1, metadata={
@@ -117,7 +120,9 @@ def protect(cfg, run, apply, params, original, restricted, guard):
       ntr_optimizer=optax.adam(cfg.ntr_lr), first_order=cfg.first_order,
       guard=sp.accuracy_guard(apply, jnp.asarray(guard[0]),
                               jnp.asarray(guard[1]),
-                              guard_acc - cfg.guard_drop))
+                              guard_acc - cfg.guard_drop),
+      environments_per_update=cfg.environments_per_update,
+      environment_map=run.grid_map(parallel.sequential_map))
   key = jax.random.PRNGKey(cfg.seed + 3)
   k, b = cfg.inner_steps, cfg.batch_size
 
@@ -135,7 +140,8 @@ def protect(cfg, run, apply, params, original, restricted, guard):
                          jnp.asarray(original.y_train))}
   state = run.fit("protect", imm, imm.init(params, key), sample, arrays,
                   cfg.loops, key=key, log_every=10,
-                  desc=f"SOPHON ({len(restricted)} domain(s))")
+                  desc=f"SOPHON ({len(restricted)} domain(s))",
+                  batch_spec=sp.BATCH_SPEC)
   logged = run.records("protect")
   rolled = {"logged_updates": len(logged),
             "rolled_back": sum(r.get("rolled_back", 0) for r in logged)}
@@ -152,18 +158,18 @@ def target(apply, dom) -> attacks.Target:
       head=("^head/",))
 
 
-def paper_protocol(cfg, apply, starts, dom, epochs: int):
+def paper_protocol(cfg, run, apply, starts, dom, epochs: int):
   """Full fine-tuning, SGD momentum 0.9, wd 1e-4, accuracy every epoch."""
   spe = data.steps_per_epoch(len(dom.x_train), cfg.attack_batch)
   attack = attacks.Attack("momentum_wd", cfg.attack_lr, cfg.attack_batch,
                           "full", epochs * spe)
   return attacks.run_attacks([attack], starts, target(apply, dom),
-                             eval_every=spe)
+                             eval_every=spe, attack_map=run.grid_map())
 
 
 def evaluate(cfg, run, apply, starts, domain_name, dom):
   """The paper's protocol and the robustness grid on one restricted domain."""
-  curves = paper_protocol(cfg, apply, starts, dom, cfg.epochs)
+  curves = paper_protocol(cfg, run, apply, starts, dom, cfg.epochs)
   grid = attacks.grid(optimizers=cfg.grid_optimizers,
                       learning_rates=cfg.grid_lrs,
                       batch_sizes=cfg.grid_batches, modes=cfg.grid_modes,
@@ -171,7 +177,7 @@ def evaluate(cfg, run, apply, starts, domain_name, dom):
   run.print(f"[{domain_name}] robustness grid: {len(grid)} attacks x "
             f"{len(starts)} starts")
   gcurves = attacks.run_attacks(grid, starts, target(apply, dom),
-                                eval_every=20)
+                                eval_every=20, attack_map=run.grid_map())
   gsum = attacks.summarize(gcurves)
   (run.out / f"{domain_name}_grid_curves.json").write_text(
       json.dumps(_plots.curves_json(gcurves)))
@@ -194,7 +200,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   # The protocol means nothing unless the original model transfers.
   transfer = {}
   for name, dom in restricted.items():
-    curves = paper_protocol(cfg, apply, {"scratch": init,
+    curves = paper_protocol(cfg, run, apply, {"scratch": init,
                                          "original": pretrained}, dom, 1)
     transfer[name] = {s: float(curves.metric[s][0, 1]) for s in curves.metric}
     run.print(f"[{name}] transfer check, restricted accuracy after epoch 1: "
