@@ -135,14 +135,12 @@ _KINDS = {"data": ("seeds", "pairs"), "key": ("seeds",), "ratio": ("ratios",),
           "budget": ("budgets",), "grid": _AXES, "shared": ()}
 
 
-def _over_grid(fn, kinds: tuple[str, ...], pairs_map=jax.vmap):
+def _over_grid(fn, kinds: tuple[str, ...]):
   """``vmap`` of ``fn`` over the grid's four axes; ``kinds[i]`` says which
-  axes argument ``i`` carries (a key of ``_KINDS``). The pairs (innermost)
-  are mapped by ``pairs_map`` (the run's devices)."""
+  axes argument ``i`` carries (a key of ``_KINDS``)."""
   for axis in reversed(_AXES):
-    vmap = pairs_map if axis == "pairs" else jax.vmap
-    fn = vmap(fn, in_axes=tuple(0 if axis in _KINDS[k] else None
-                                for k in kinds))
+    fn = jax.vmap(fn, in_axes=tuple(0 if axis in _KINDS[k] else None
+                                    for k in kinds))
   return fn
 
 
@@ -166,16 +164,14 @@ def run_group(run, name: str, arrays, *, rule: str, optimizer: str, ratios,
       learning_rate=learning_rate, adam_learning_rate=adam_learning_rate,
       lambda_h=lambda_h)
   xp, yp, xh = arrays
-  pm = run.grid_map()
   ratios = jnp.asarray(ratios, jnp.float64)
   budgets = jnp.asarray(budgets, jnp.float64)
   setup = jax.jit(_over_grid(prepare, ("data", "data", "data", "ratio",
-                                       "budget"), pm))(
-      xp, yp, xh, ratios, budgets)
-  carry = jax.jit(_over_grid(init, ("grid", "data", "budget", "key"), pm))(
+                                       "budget")))(xp, yp, xh, ratios, budgets)
+  carry = jax.jit(_over_grid(init, ("grid", "data", "budget", "key")))(
       setup, xh, budgets, keys)
   step_all = jax.jit(_over_grid(step, ("grid", "grid", "data", "data",
-                                       "data", "budget", "key", "shared"), pm))
+                                       "data", "budget", "key", "shared")))
 
   def step_fn(c, t):
     c = step_all(c, setup, xp, yp, xh, budgets, keys, jnp.asarray(t))
@@ -184,8 +180,8 @@ def run_group(run, name: str, arrays, *, rule: str, optimizer: str, ratios,
   carry = run.loop(f"grid_{name}", carry, step_fn, steps, log_every=steps,
                    desc=f"grid {name}", checkpoint=False)
   out = jax.jit(_over_grid(evaluate, ("grid", "grid", "data", "data", "data",
-                                      "budget"), pm))(
-      carry, setup, xp, yp, xh, budgets)
+                                      "budget")))(carry, setup, xp, yp, xh,
+                                                  budgets)
   return jax.tree_util.tree_map(np.asarray, out)
 
 

@@ -145,12 +145,14 @@ def train(cfg: Config, run: _runner.Run, arrays, method: str):
     state, losses = jax.lax.scan(body, state, jnp.arange(spe))
     return state, losses.mean()
 
-  pairs_map = run.grid_map()      # the pairs spread over --devices
+  # The pairs stay on one device even with --devices N: this vmapped,
+  # eigh-heavy program spread over 2 simulated CPU devices hung (every
+  # thread idle, as in the README's known XLA-CPU issue).
   # Data go in as arguments: closed-over arrays would be baked into the
   # compiled program as constants (slow to lower, recompiled per method).
   @jax.jit
   def epoch_step(state, epoch, xp, yp, problems):
-    state, loss = pairs_map(one_pair, in_axes=(0, 0, 0, 0, None))(
+    state, loss = jax.vmap(one_pair, in_axes=(0, 0, 0, 0, None))(
         state, xp, yp, problems, epoch)
     return state, {"task_loss": loss.mean()}
 

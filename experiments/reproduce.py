@@ -41,7 +41,11 @@ def main(argv=None) -> int:
   p.add_argument("--data-dir", type=Path, default=None,
                  help="house-price CSV folder (e.g. ../shared/data/house_price)")
   p.add_argument("--only", default=None, help="comma-separated module names")
+  p.add_argument("--devices", type=int, default=1,
+                 help="passed to every experiment [default: 1]")
   args = p.parse_args(argv)
+  if args.devices < 1:
+    p.error("--devices must be >= 1")
   only = set(args.only.split(",")) if args.only else None
   failures, skips = [], []
   for name, needs_data in EXPERIMENTS:
@@ -61,6 +65,8 @@ def main(argv=None) -> int:
            str(args.out / name), "--overwrite", "--quiet"]
     if args.quick:
       cmd.append("--quick")
+    if args.devices > 1:
+      cmd += ["--devices", str(args.devices)]
     if needs_data:
       cmd += ["--data-dir", str(args.data_dir)]
     print(f"[reproduce] {' '.join(cmd[1:])}", flush=True)
