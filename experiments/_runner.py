@@ -380,8 +380,7 @@ class Run:
     if self.mesh is None:
       return batch
     from immunojax import parallel  # noqa: PLC0415
-    return parallel.constrain(
-        batch, parallel.batch_shardings(batch, self.mesh, spec))
+    return parallel.split_batch(batch, self.mesh, spec)
 
   def _sharded_update(self, batch_spec):
     """:func:`_jitted_update` with the batch split over the run's mesh."""
@@ -389,13 +388,11 @@ class Run:
     from immunojax import parallel  # noqa: PLC0415
     tag = repr(batch_spec)
     if tag not in self._steps:
-      def step(immunizer, sample, state, t, data, key):
-        batch = self.split_batch(sample(data, t), batch_spec)
-        return immunizer.update(state, batch, jax.random.fold_in(key, t))
-
       rep = parallel.replicated(self.mesh)
-      self._steps[tag] = jax.jit(step, static_argnums=(0, 1),
-                                 in_shardings=rep, out_shardings=rep)
+      self._steps[tag] = jax.jit(
+          functools.partial(_update_step, functools.partial(
+              self.split_batch, spec=batch_spec)),
+          static_argnums=(0, 1), in_shardings=rep, out_shardings=rep)
     return self._steps[tag]
 
   # --------------------------------------------------------------- finish
@@ -412,16 +409,20 @@ class Run:
     return summary
 
 
+def _update_step(split, immunizer, sample, state, t, data, key):
+  """One step of :meth:`Run.fit`: the batch ``split(sample(data, t))``."""
+  import jax  # noqa: PLC0415
+  return immunizer.update(state, split(sample(data, t)),
+                          jax.random.fold_in(key, t))
+
+
 @functools.cache
 def _jitted_update():
   """``jit(immunizer.update)`` over ``sample(data, t)``, with the immunizer
   and the sampler static: one compilation per (immunizer, sample, shapes)."""
   import jax  # noqa: PLC0415
-
-  def step(immunizer, sample, state, t, data, key):
-    return immunizer.update(state, sample(data, t), jax.random.fold_in(key, t))
-
-  return jax.jit(step, static_argnums=(0, 1))
+  return jax.jit(functools.partial(_update_step, lambda batch: batch),
+                 static_argnums=(0, 1))
 
 
 DIVERGED_HINT = ("lower the learning rate (or the regularizer weights) and "

@@ -212,14 +212,12 @@ def check_spectral() -> dict:
   out["eig_data_sharded"] = np.asarray(got.values).tolist()
   out["eig_converged"] = [bool(ref.converged), bool(got.converged)]
   # the Krylov basis follows the start vector's sharding
-  from immunojax.spectral import eigensolver as es   # noqa: PLC0415
-  config = es._Config(k=1, which="top", tol=1e-9, max_steps=200, m=150,
-                      keep=75, check_every=1, by_residual=False,
-                      linearize=True, dtype=np.dtype("float64"))
+  full_basis = dict(k=1, tol=1e-9, max_steps=200, basis_size=150)
 
   def temp_bytes(v):
-    compiled = es._solve.lower(mv, config, v, (jax.device_put(params, rep),
-                                               xs, ys)).compile()
+    solve = jax.jit(lambda v, p, x, y: spectral.top_eigenvalues(
+        mv, v, p, x, y, **full_basis))
+    compiled = solve.lower(v, jax.device_put(params, rep), xs, ys).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   split = {"w1": jax.device_put(v0["w1"], NamedSharding(mesh, P(None,

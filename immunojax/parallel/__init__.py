@@ -13,6 +13,7 @@
 
 from immunojax.parallel.data import (batch_shardings, constrain,
                                      data_parallel, per_device, shard_batch,
+                                     split_batch,
                                      state_shardings)
 from immunojax.parallel.distributed import initialize, is_primary
 from immunojax.parallel.grid import MapFn, sequential_map, sharded_vmap
@@ -22,4 +23,4 @@ from immunojax.parallel.mesh import (DATA, global_mesh, local_mesh,
 __all__ = ["DATA", "MapFn", "batch_shardings", "constrain", "data_parallel",
            "global_mesh", "initialize", "is_primary", "local_mesh",
            "per_device", "replicated", "sequential_map", "shard_batch",
-           "sharded_vmap", "size", "state_shardings"]
+           "sharded_vmap", "size", "split_batch", "state_shardings"]

@@ -126,6 +126,12 @@ def constrain(tree: PyTree, shardings: PyTree) -> PyTree:
                                 shardings)
 
 
+def split_batch(batch: PyTree, mesh: Mesh, spec: PyTree = None) -> PyTree:
+  """Inside ``jit``: ``batch`` constrained to :func:`batch_shardings`, for
+  hand-written loops that gather their batches in the program."""
+  return constrain(batch, batch_shardings(batch, mesh, spec))
+
+
 def data_parallel(update: Callable[[PyTree, PyTree, jax.Array],
                                    tuple[PyTree, dict]],
                   mesh: Mesh, *, batch_spec: PyTree = None,
