@@ -29,6 +29,8 @@ def _bool(text: str) -> bool:
 def _converter(tp):
   """Returns (convert(text_or_value) -> value, metavar) for a field type."""
   origin = typing.get_origin(tp)
+  if isinstance(tp, type) and hasattr(tp, "parse"):   # e.g. OptimizerSpec
+    return tp.parse, tp.metavar
   if tp is bool:
     return _bool, "BOOL"
   if tp in (int, float, str):
@@ -158,12 +160,67 @@ def as_dict(config) -> dict:
 Estimator = Literal["pinv", "official"]
 
 
-def _optimizer_names():
-  from immunojax.optimizers import OPTIMIZERS  # noqa: PLC0415
-  return tuple(OPTIMIZERS)
+def _import_path(text: str):
+  """``module:attr`` or ``module.attr`` -> the object, or None."""
+  import importlib  # noqa: PLC0415
+  module, sep, attr = text.partition(":")
+  if not sep:
+    module, _, attr = text.rpartition(".")
+  if not module or not attr:
+    return None
+  try:
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+      obj = getattr(obj, part)
+  except (ImportError, AttributeError, ValueError):
+    return None
+  return obj
 
 
-Optimizer = Literal[_optimizer_names()]   # immunojax.optimizers.OPTIMIZERS
+class OptimizerSpec(str):
+  """An optimizer on the command line: a name from
+  ``immunojax.optimizers.OPTIMIZERS``, or the import path of a factory
+  ``learning_rate -> optax.GradientTransformation`` (``optax.lion``,
+  ``mypkg.opts:clipped_adamw``)."""
+
+  @classmethod
+  def names(cls) -> tuple[str, ...]:
+    from immunojax.optimizers import OPTIMIZERS  # noqa: PLC0415
+    return tuple(OPTIMIZERS)
+
+  @classmethod
+  def parse(cls, value) -> "OptimizerSpec":
+    from immunojax import optimizers  # noqa: PLC0415
+    text = str(value).strip()
+    if text in cls.names():
+      return cls(text)
+    obj = _import_path(text) if ("." in text or ":" in text) else None
+    if obj is None:
+      raise argparse.ArgumentTypeError(
+          f"expected an optimizer name {list(cls.names())} or the import "
+          f"path of a factory lr -> optax.GradientTransformation (e.g. "
+          f"optax.lion), got {text!r}")
+    try:
+      optimizers.optimizer(obj)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return cls(text)
+
+  def value(self):
+    """The name itself, or the imported factory as an ``Optimizer``."""
+    from immunojax import optimizers  # noqa: PLC0415
+    if self in self.names():
+      return str(self)
+    return optimizers.optimizer(_import_path(self))
+
+
+OptimizerSpec.metavar = "{" + ",".join(OptimizerSpec.names()) + ",module.attr}"
+Optimizer = OptimizerSpec   # a name or an import path (see OptimizerSpec)
+
+
+def optimizer_values(specs) -> list:
+  """Config optimizer specs as what the harness and SOPHON take."""
+  return [OptimizerSpec.parse(s).value() for s in specs]
 
 
 def estimator_option() -> Any:

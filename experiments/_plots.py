@@ -36,7 +36,7 @@ def attack_curves(run, curves, name: str = "attack_curves", *,
 
 def curves_json(curves) -> dict:
   """Per-attack curves as JSON-able lists (null: no finite value)."""
-  return {"attacks": [a._asdict() for a in curves.attacks],
+  return {"attacks": [a.as_dict() for a in curves.attacks],
           "steps": {k: v.tolist() for k, v in curves.steps.items()},
           "metric": {k: jsonable(v) for k, v in curves.metric.items()},
           "final_loss": {k: jsonable(v)

@@ -87,7 +87,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
       head=("head",),
       lora_config=lora.LoraConfig(r=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank,
                                   target_modules=("layers/.*/kernel",)))
-  grid = attacks.grid(optimizers=cfg.optimizers,
+  grid = attacks.grid(optimizers=_config.optimizer_values(cfg.optimizers),
                       learning_rates=cfg.learning_rates,
                       batch_sizes=cfg.batch_sizes, modes=cfg.modes,
                       steps=cfg.steps, seeds=cfg.seeds)

@@ -105,8 +105,10 @@ def load_domains(cfg: Config):
 
 def environments(cfg: Config) -> list[sp.Environment]:
   lr = {"sgd": cfg.env_sgd_lr, "adam": cfg.env_adam_lr}
-  return [sp.Environment(m, o, lr.get(o, cfg.env_sgd_lr))
-          for m in cfg.env_modes for o in cfg.env_optimizers]
+  return [sp.Environment(m, v, lr.get(o, cfg.env_sgd_lr))
+          for m in cfg.env_modes
+          for o, v in zip(cfg.env_optimizers,
+                          _config.optimizer_values(cfg.env_optimizers))]
 
 
 def protect(cfg, run, apply, params, original, restricted, guard):
@@ -170,7 +172,7 @@ def paper_protocol(cfg, run, apply, starts, dom, epochs: int):
 def evaluate(cfg, run, apply, starts, domain_name, dom):
   """The paper's protocol and the robustness grid on one restricted domain."""
   curves = paper_protocol(cfg, run, apply, starts, dom, cfg.epochs)
-  grid = attacks.grid(optimizers=cfg.grid_optimizers,
+  grid = attacks.grid(optimizers=_config.optimizer_values(cfg.grid_optimizers),
                       learning_rates=cfg.grid_lrs,
                       batch_sizes=cfg.grid_batches, modes=cfg.grid_modes,
                       steps=(cfg.grid_steps,))
@@ -215,7 +217,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
          "guard_accuracy_pretrained": guard_acc,
          "rolled_back_of_logged_updates": rolled,
          "transfer_check_epoch1": transfer, "domains": {},
-         "environments": [e._asdict() for e in environments(cfg)]}
+         "environments": [e.as_dict() for e in environments(cfg)]}
   for name, dom in restricted.items():
     curves, gsum = evaluate(cfg, run, apply, starts, name, dom)
     per = {s: _runner.jsonable(curves.metric[s][0]) for s in starts}

@@ -200,3 +200,18 @@ def test_dashboard_keeps_notes_and_lists_skipped_experiments(tmp_path):
   assert "- a note a reader needs" in text
   assert "## Skipped" in text and "needs --data-dir" in text
   assert "`python -m experiments.house_price --data-dir D`" in text
+
+
+def test_optimizers_option_takes_names_and_import_paths(capsys):
+  from experiments import attack_grid
+  cfg, _ = parse("attack_grid", attack_grid.Config, attack_grid.QUICK,
+                 ["--optimizers", "sgd,optax.lion,optax:adabelief"])
+  values = _config.optimizer_values(cfg.optimizers)
+  assert values[0] == "sgd"
+  assert [v.name for v in values[1:]] == ["lion", "adabelief"]
+  assert json.loads(json.dumps(_config.as_dict(cfg)))["optimizers"] == [
+      "sgd", "optax.lion", "optax:adabelief"]
+  for bad in ("optax.no_such_thing", "os.path.join", "bogus"):
+    with pytest.raises(SystemExit):
+      parse("attack_grid", attack_grid.Config, {}, ["--optimizers", bad])
+    assert "--optimizers" in capsys.readouterr().err

@@ -18,40 +18,79 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from immunojax import _checks, lora, modes
+from immunojax import _checks, lora, modes, optimizers as _optimizers
 from immunojax.data import batch_indices, take
-from immunojax.optimizers import OPTIMIZERS, make_optimizer
 
 PyTree = Any
 MODES = ("full", "head", "reinit_head", "lora")   # the ones a grid names
 
 
 class Attack(NamedTuple):
-  optimizer: str
-  learning_rate: float
+  """One attacker. ``optimizer`` is a name from
+  :data:`immunojax.optimizers.OPTIMIZERS` or any optimizer value
+  (:func:`immunojax.optimizers.optimizer`); ``learning_rate`` is None for a
+  ready transformation, which keeps its own rate."""
+  optimizer: _optimizers.OptimizerLike
+  learning_rate: float | None
   batch_size: int
   mode: str
   steps: int
   seed: int = 0
 
   @property
+  def optimizer_name(self) -> str:
+    return _optimizers.jsonable_name(self.optimizer)
+
+  @property
   def label(self) -> str:
-    return (f"{self.optimizer} lr={self.learning_rate:g} bs={self.batch_size} "
+    rate = ("(own rate)" if self.learning_rate is None
+            else f"lr={self.learning_rate:g}")
+    return (f"{self.optimizer_name} {rate} bs={self.batch_size} "
             f"{self.mode} seed={self.seed}")
 
+  def as_dict(self) -> dict:
+    """JSON-able: the optimizer by its name."""
+    return {**self._asdict(), "optimizer": self.optimizer_name}
 
-def grid(*, optimizers: Sequence[str], learning_rates: Sequence[float],
+
+def _check_names(opts: Sequence[_optimizers.Optimizer]) -> None:
+  """Distinct optimizers must have distinct names (labels key summaries)."""
+  seen: dict[str, _optimizers.Optimizer] = {}
+  for o in opts:
+    if o.name in seen and seen[o.name] != o:
+      raise ValueError(
+          f"two different optimizers are both named {o.name!r}: labels and "
+          "summaries would mix them up; give one a name with "
+          "immunojax.optimizers.optimizer(spec, name=...)")
+    seen[o.name] = o
+
+
+def grid(*, optimizers: Sequence[_optimizers.OptimizerLike],
+         learning_rates: Sequence[float],
          batch_sizes: Sequence[int] = (32,), modes: Sequence[str] = ("full",),
          steps: Sequence[int] = (100,), seeds: Sequence[int] = (0,),
          extra_modes: Sequence[str] = ()) -> list[Attack]:
   """The Cartesian product of the given axes, validated (``extra_modes``:
-  names a target's ``masked_modes`` adds)."""
-  for o in optimizers:
-    _checks.check_choice(o, OPTIMIZERS, "optimizer")
+  names a target's ``masked_modes`` adds).
+
+  ``optimizers`` may mix names, factories ``lr -> GradientTransformation``,
+  ready transformations and :class:`~immunojax.optimizers.Optimizer`
+  values. A ready transformation keeps its own rate: it gets one attack per
+  combination of the other axes (``learning_rate`` None, "(own rate)" in
+  its label), not one per learning rate.
+  """
+  specs = [o if isinstance(o, str) else _optimizers.optimizer(o)
+           for o in optimizers]
+  _check_names([_optimizers.optimizer(o) for o in specs])
   for m in modes:
     _checks.check_choice(m, MODES + tuple(extra_modes), "mode")
-  return [Attack(*a) for a in itertools.product(
-      optimizers, learning_rates, batch_sizes, modes, steps, seeds)]
+  out = []
+  for o in specs:
+    rates = (learning_rates if _optimizers.optimizer(o).takes_rate
+             else (None,))
+    out += [Attack(*a) for a in itertools.product(
+        (o,), rates, batch_sizes, modes, steps, seeds)]
+  return out
 
 
 class Target(NamedTuple):
@@ -95,32 +134,40 @@ def _attacker(target: Target, mode: str) -> modes.AttackerMode:
 _GROUP_FNS: dict = {}
 
 
-def _cached_group_fn(target: Target, optimizer: str, batch_size: int,
-                     mode: str, steps: int, eval_every: int, attack_map):
+def _cached_group_fn(target: Target, optimizer: _optimizers.Optimizer,
+                     rate: float | None, batch_size: int, mode: str,
+                     steps: int, eval_every: int, attack_map):
   """:func:`_group_fn`, reused across calls whose targets share their
-  functions and options (so a loop over seeds compiles each group once)."""
+  functions and options (so a loop over seeds compiles each group once).
+
+  The key holds the optimizer *value* (its factory or transformation
+  object), not its name: re-binding a name to other code compiles anew.
+  """
   key = (target.loss_fn, target.metric_fn, tuple(target.head),
          target.lora_config, tuple((k, tuple(v)) for k, v in
                                    target.masked_modes.items()),
-         target.eval_data is None, optimizer, batch_size, mode, steps,
+         target.eval_data is None, optimizer, rate, batch_size, mode, steps,
          eval_every, attack_map)
+  args = (target, optimizer, rate, batch_size, mode, steps, eval_every,
+          attack_map)
   try:
     hash(key)
   except TypeError:           # e.g. an unhashable lora_config
-    return _group_fn(target, optimizer, batch_size, mode, steps, eval_every,
-                     attack_map)
+    return _group_fn(*args)
   if key not in _GROUP_FNS:
     if len(_GROUP_FNS) >= 64:           # bounded: drop the oldest
       _GROUP_FNS.pop(next(iter(_GROUP_FNS)))
-    _GROUP_FNS[key] = _group_fn(target, optimizer, batch_size, mode, steps,
-                                eval_every, attack_map)
+    _GROUP_FNS[key] = _group_fn(*args)
   return _GROUP_FNS[key]
 
 
-def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
-              steps: int, eval_every: int, attack_map):
+def _group_fn(target: Target, optimizer: _optimizers.Optimizer,
+              rate: float | None, batch_size: int, mode: str, steps: int,
+              eval_every: int, attack_map):
   """One compiled ``(lrs, seeds, params, train_data, eval_data) -> curves``
-  per group, reused for every start point and every target of that shape."""
+  per group, reused for every start point and every target of that shape.
+  ``rate``: the Python-float rate of a ``concrete_rate`` optimizer (its
+  group holds that rate only; the traced ``lr`` is then unused)."""
   attacker = _attacker(target, mode)
 
   # Parameters and data are arguments, not closures: closed-over arrays
@@ -137,8 +184,9 @@ def _group_fn(target: Target, optimizer: str, batch_size: int, mode: str,
                target.metric_fn(p, eval_data))
       return value, finite
 
-    res = modes.adapt(attacker, params, target.loss_fn,
-                      make_optimizer(optimizer, lr), take(train_data, idx),
+    opt = optimizer(rate if optimizer.concrete_rate else lr)
+    res = modes.adapt(attacker, params, target.loss_fn, opt,
+                      take(train_data, idx),
                       key=init_key, eval_fn=evaluate, eval_every=eval_every,
                       check_finite=False)
     metric, finite = res.evals
@@ -173,7 +221,8 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
   scratch) and records the held-out metric every ``eval_every`` steps.
 
   Attacks are grouped by (optimizer, batch size, mode, steps); each group is
-  one jitted call vmapped over its learning rates and seeds. Curves of
+  one jitted call vmapped over its learning rates and seeds (an optimizer
+  that needs a concrete rate gets one group per rate). Curves of
   attacks with different step budgets are padded with NaN.
 
   Args:
@@ -201,17 +250,25 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
     raise ValueError("targets attacked together must share loss_fn, "
                      "metric_fn, head, lora_config, masked_modes and whether "
                      "they have eval_data; only their arrays may differ")
-  for a in attacks:
-    _checks.check_choice(a.optimizer, OPTIMIZERS, "optimizer")
+  # Resolved here, on every call: a name re-bound in OPTIMIZERS since the
+  # grid was built is the new code (and keys a new compilation).
+  opts = [_optimizers.optimizer(a.optimizer) for a in attacks]
+  _check_names(opts)
+  for a, o in zip(attacks, opts):
     _checks.check_choice(a.mode, first.mode_names(), "mode")
     if a.steps % eval_every:
       raise ValueError(f"attack steps {a.steps} is not a multiple of "
                        f"eval_every={eval_every}")
+    if o.takes_rate and (a.learning_rate is None
+                         or not a.learning_rate > 0):
+      raise ValueError(f"attack {a.label}: optimizer {o.name!r} needs a "
+                       f"learning rate > 0, got {a.learning_rate!r}")
   longest = max(a.steps for a in attacks)
   steps_axis = np.arange(0, longest + 1, eval_every)
   groups: dict[tuple, list[int]] = {}
-  for i, a in enumerate(attacks):
-    groups.setdefault((a.optimizer, a.batch_size, a.mode, a.steps), []).append(i)
+  for i, (a, o) in enumerate(zip(attacks, opts)):
+    rate = float(a.learning_rate) if o.concrete_rate else None
+    groups.setdefault((o, rate, a.batch_size, a.mode, a.steps), []).append(i)
   out = {}
   fns = {g: _cached_group_fn(first, *g, eval_every, attack_map)
          for g in groups}
@@ -222,7 +279,8 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
       diverged[name] = np.zeros((len(attacks),), bool)
       steps[name] = steps_axis
     for g, members in groups.items():
-      lrs = jnp.asarray([attacks[i].learning_rate for i in members])
+      lrs = jnp.asarray([0.0 if attacks[i].learning_rate is None else
+                         attacks[i].learning_rate for i in members])
       seeds = jnp.asarray([attacks[i].seed for i in members])
       for name, params in start_points.items():
         curves, losses, bad = (np.asarray(a) for a in fns[g](

@@ -41,9 +41,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from immunojax import _checks, losses, modes
+from immunojax import _checks, losses, modes, optimizers as _optimizers
 from immunojax.immunizer import Immunizer
-from immunojax.optimizers import OPTIMIZERS, make_optimizer
 from immunojax.parallel.grid import sequential_map
 from immunojax.parallel.mesh import DATA
 
@@ -57,11 +56,26 @@ BATCH_SPEC = {"restricted": PartitionSpec(None, None, DATA),
 
 class Environment(NamedTuple):
   """One simulated attacker: mode (``full``, ``head``, ``reinit_head``),
-  optimizer name (:data:`immunojax.optimizers.OPTIMIZERS`) and learning
-  rate."""
+  optimizer (a name from :data:`immunojax.optimizers.OPTIMIZERS` or any
+  optimizer value the attack harness takes: a factory ``lr ->
+  GradientTransformation``, a ready transformation, an
+  :class:`~immunojax.optimizers.Optimizer`) and learning rate (None for a
+  ready transformation, which keeps its own)."""
   mode: str
-  optimizer: str
-  learning_rate: float
+  optimizer: _optimizers.OptimizerLike
+  learning_rate: float | None
+
+  @classmethod
+  def from_attack(cls, attack) -> "Environment":
+    """The environment that simulates an attack-harness
+    :class:`~immunojax.attacks.Attack` (its mode, optimizer and rate), so
+    the defender trains against exactly the attacker it is scored by."""
+    return cls(attack.mode, attack.optimizer, attack.learning_rate)
+
+  def as_dict(self) -> dict:
+    """JSON-able: the optimizer by its name."""
+    return {**self._asdict(),
+            "optimizer": _optimizers.jsonable_name(self.optimizer)}
 
 
 class Guard(NamedTuple):
@@ -150,12 +164,15 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
   """
   if not environments:
     raise ValueError("sophon needs at least one simulated Environment")
+  env_opts = []
   for env in environments:
     _checks.check_choice(env.mode, ENV_MODES, "environment mode")
-    _checks.check_choice(env.optimizer, OPTIMIZERS, "environment optimizer")
-    if not env.learning_rate > 0:
+    opt = _optimizers.optimizer(env.optimizer)
+    if opt.takes_rate and (env.learning_rate is None
+                           or not env.learning_rate > 0):
       raise ValueError(f"environment learning rate must be > 0, got "
                        f"{env.learning_rate}")
+    env_opts.append(opt)
   if not 0 < support_fraction < 1:
     raise ValueError(f"support_fraction must be in (0, 1), got "
                      f"{support_fraction}")
@@ -166,8 +183,9 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
                                          optax.adam(9e-4))
   ntr_opt = ntr_optimizer or optax.adam(1.5e-3)
   envs = tuple(environments)
+  transforms = [opt(env.learning_rate) for env, opt in zip(envs, env_opts)]
 
-  def simulate(env: Environment, params, xs, ys, key):
+  def simulate(env: Environment, opt, params, xs, ys, key):
     """One simulated attack on one domain: ``(mean query loss, its
     first-order meta-gradient or None)``."""
     k, b = xs.shape[0], xs.shape[1]
@@ -202,9 +220,8 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
       mode = modes.full()
     else:
       start = params
-    res = modes.adapt(mode, start, loss,
-                      make_optimizer(env.optimizer, env.learning_rate),
-                      batches, key=init_key, first_order=first_order,
+    res = modes.adapt(mode, start, loss, opt, batches, key=init_key,
+                      first_order=first_order,
                       remat=remat, check_finite=False)
     value = jnp.sum(res.metrics["query"]) / k
     if not first_order:
@@ -218,17 +235,20 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
     xs, ys = restricted
     keys = jax.random.split(key, xs.shape[0] + 1)
 
-    def on_domains(env, p):
+    def on_domains(env, opt, p):
       if first_order:
-        values, grads = jax.vmap(lambda x, y, kk: simulate(env, p, x, y, kk))(
+        values, grads = jax.vmap(
+            lambda x, y, kk: simulate(env, opt, p, x, y, kk))(
             xs, ys, keys[1:])
         return jnp.mean(values), jax.tree_util.tree_map(
             lambda g: jnp.mean(g, axis=0), grads)
       mean_loss = lambda q: jnp.mean(jax.vmap(
-          lambda x, y, kk: simulate(env, q, x, y, kk)[0])(xs, ys, keys[1:]))
+          lambda x, y, kk: simulate(env, opt, q, x, y, kk)[0])(
+              xs, ys, keys[1:]))
       return jax.value_and_grad(mean_loss)(p)
 
-    branches = [lambda p, env=env: on_domains(env, p) for env in envs]
+    branches = [lambda p, env=env, opt=opt: on_domains(env, opt, p)
+                for env, opt in zip(envs, transforms)]
     index = jax.random.randint(keys[0], (), 0, len(envs))
     value, grad = jax.lax.switch(index, branches, params)
     return value, grad, index
