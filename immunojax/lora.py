@@ -1,10 +1,19 @@
-"""LoRA adapters on dense kernels of any parameter pytree (or NNX module state).
+"""LoRA adapters on the kernels of any parameter pytree (or NNX module state).
 
 Names follow ``peft``: rank ``r``, ``lora_alpha``, ``target_modules`` (regexes
 over ``a/b/kernel`` paths). For a kernel ``W`` of shape ``(in, out)`` (Flax's
 ``x @ W`` layout) the adapted kernel is ``W + (lora_alpha / r) * A @ B`` with
 ``A: (in, r)`` Kaiming-uniform (peft's ``a=sqrt(5)``: ``U(±1/sqrt(in))``) and
-``B: (r, out)`` zero, so an adapter starts as the identity. ``init_a`` sets
+``B: (r, out)`` zero, so an adapter starts as the identity. A kernel with more
+dimensions (a Flax conv's ``(kh, kw, in, out)``) is viewed as the matrix
+``(prod(shape[:-1]), shape[-1])`` and the update reshaped back: that is
+peft's ``Conv2d`` LoRA (an ``r``-channel conv with the layer's kernel size,
+then a 1x1 conv to ``out``), whose fan-in is ``kh * kw * in``.
+
+Every leaf ``target_modules`` matches must be a kernel (>= 2 dimensions): a
+pattern that also matches a bias is an error naming it, except for the
+default ``("kernel",)``, which warns and skips (so nothing is adapted
+silently less than asked). ``init_a`` sets
 another Kaiming ``a`` (bound ``sqrt(6 / ((1 + a^2) in))``; GS-LoRA's released
 code re-initialises later tasks with ``a = sqrt(50)``). :func:`merge` and
 :func:`unmerge` both use the ``lora_alpha / r`` scale (forgetting it in one of
@@ -16,6 +25,8 @@ pytree for optax, masks, checkpoints and ``vmap``.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Iterable, NamedTuple
 
 import jax
@@ -37,17 +48,44 @@ class LoraConfig(NamedTuple):
     return self.lora_alpha / self.r
 
 
+DEFAULT_TARGETS = LoraConfig._field_defaults["target_modules"]
+
+
 def target_paths(params: PyTree, target_modules: Iterable[str]) -> list[str]:
-  """Paths of 2-D leaves matched by ``target_modules``."""
-  mask = masks.mask_from_patterns(params, tuple(target_modules))
+  """Paths of the kernels (leaves with >= 2 dimensions) ``target_modules``
+  matches.
+
+  Raises:
+    ValueError: no kernel matches, or (for patterns other than the default
+      ``("kernel",)``, which warns instead) a matched leaf has fewer than 2
+      dimensions and so cannot carry an adapter.
+  """
+  targets = tuple(target_modules)
+  mask = masks.mask_from_patterns(params, targets)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   mflat = jax.tree_util.tree_leaves(mask)
-  paths = [masks.path_string(p) for (p, leaf), m in zip(flat, mflat)
-           if m and jnp.ndim(leaf) == 2]
+  matched = [(masks.path_string(p), jnp.shape(leaf))
+             for (p, leaf), m in zip(flat, mflat) if m]
+  paths = [p for p, shape in matched if len(shape) >= 2]
+  skipped = [f"{p} {tuple(shape)}" for p, shape in matched if len(shape) < 2]
+  if skipped:
+    message = (f"LoRA target_modules {targets} match {len(skipped)} "
+               f"leaves with fewer than 2 dimensions, which take no adapter: "
+               f"{', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}")
+    if targets != DEFAULT_TARGETS:
+      raise ValueError(message + "; narrow the patterns to kernels (e.g. "
+                       "'fc/kernel' rather than 'fc')")
+    warnings.warn(message + " (skipped)", stacklevel=3)
   if not paths:
-    raise ValueError(f"target_modules {tuple(target_modules)} match no 2-D "
-                     "kernel")
+    raise ValueError(f"target_modules {targets} match no kernel (a leaf "
+                     "with >= 2 dimensions)")
   return paths
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+  """The matrix a kernel of ``shape`` is viewed as: ``(prod(shape[:-1]),
+  shape[-1])``."""
+  return math.prod(shape[:-1]), shape[-1]
 
 
 def init(params: PyTree, config: LoraConfig, *, key: jax.Array) -> dict:
@@ -59,7 +97,7 @@ def init(params: PyTree, config: LoraConfig, *, key: jax.Array) -> dict:
   adapters = {}
   for i, path in enumerate(target_paths(params, config.target_modules)):
     w = leaves[path]
-    d_in, d_out = w.shape
+    d_in, d_out = matrix_shape(w.shape)
     if config.r > min(d_in, d_out):
       raise ValueError(f"LoRA rank {config.r} exceeds min(in, out) of {path} "
                        f"{w.shape}")
@@ -72,7 +110,9 @@ def init(params: PyTree, config: LoraConfig, *, key: jax.Array) -> dict:
 
 
 def delta(adapters: dict, config: LoraConfig) -> dict:
-  """``{path: scale * A @ B}``: the dense update each adapter represents.
+  """``{path: scale * A @ B}``: the dense update each adapter represents, as
+  the ``(prod(shape[:-1]), out)`` matrix (:func:`merge` reshapes it to the
+  kernel's shape).
 
   Raises:
     ValueError: an adapter's rank is not ``config.r`` (its ``alpha / r``
@@ -92,9 +132,16 @@ def _add(params, deltas: dict, sign: float):
                            jax.tree_util.tree_flatten_with_path(params)[0]}
   if missing:
     raise ValueError(f"adapters for unknown parameters: {sorted(missing)}")
-  return jax.tree_util.tree_map_with_path(
-      lambda p, w: w + sign * deltas[masks.path_string(p)]
-      if masks.path_string(p) in deltas else w, params)
+  def add(path, w):
+    d = deltas.get(masks.path_string(path))
+    if d is None:
+      return w
+    if d.shape != matrix_shape(w.shape):
+      raise ValueError(f"adapter for {masks.path_string(path)!r} is "
+                       f"{d.shape}, but the kernel {w.shape} is viewed as "
+                       f"{matrix_shape(w.shape)}")
+    return w + sign * d.reshape(w.shape)
+  return jax.tree_util.tree_map_with_path(add, params)
 
 
 def merge(params: PyTree, adapters: dict, config: LoraConfig) -> PyTree:

@@ -44,12 +44,24 @@ from immunojax.immunizer import Immunizer
 
 PyTree = Any
 Forward = Callable[[PyTree, jax.Array, jax.Array, Any], tuple]
-BLOCK_GROUPS = r"blocks/(\d+)/"   # one group per transformer block
+# One group per top-level module; an item of a layer list (``blocks/3``,
+# ``layers/0``) counts as a module. On our ViT this is one group per block.
+MODULE_GROUPS = r"^([^/]+(?:/\d+)?)"
+BLOCK_GROUPS = r"blocks/(\d+)/"   # explicitly: one group per transformer block
 
 
-def groups(adapters: dict, pattern: str = BLOCK_GROUPS) -> list[dict]:
-  """The adapters split into groups by ``pattern``'s first capture group
-  (default: one group per block), ordered numerically.
+def _natural(key: str):
+  """Sort key with numbers compared as numbers (``blocks/2 < blocks/10``)."""
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t)
+          for t in re.split(r"(\d+)", key) if t]
+
+
+def groups(adapters: dict, pattern: str = MODULE_GROUPS) -> list[dict]:
+  """The adapters split into groups by ``pattern``'s first capture group,
+  ordered naturally (numbers as numbers). The default puts each top-level
+  module in its own group (a layer list's items count as modules:
+  ``conv1``, ``fc``, ``blocks/0``, ``blocks/1``, ...); pass e.g.
+  :data:`BLOCK_GROUPS` or your own regex for another split.
 
   Raises:
     ValueError: an adapter path the pattern does not match.
@@ -61,12 +73,10 @@ def groups(adapters: dict, pattern: str = BLOCK_GROUPS) -> list[dict]:
       raise ValueError(f"group pattern {pattern!r} does not match adapter "
                        f"{path!r}")
     out.setdefault(m.group(1), {})[path] = ab
-  keys = sorted(out, key=lambda k: (not k.isdigit(), int(k) if k.isdigit()
-                                    else 0, k))
-  return [out[k] for k in keys]
+  return [out[k] for k in sorted(out, key=_natural)]
 
 
-def group_norms(adapters: dict, pattern: str = BLOCK_GROUPS) -> jax.Array:
+def group_norms(adapters: dict, pattern: str = MODULE_GROUPS) -> jax.Array:
   """``(G,)`` norms ``sqrt(sum ||P||^2)`` of the groups (plain square root:
   a report, not a loss)."""
   return jnp.stack([losses.group_norm(g, eps=0.0)
@@ -122,7 +132,7 @@ class GSLoraState(NamedTuple):
 def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
             optimizer: optax.GradientTransformation, alpha=1e-4,
             alpha_warmup_steps=0, beta=0.2, bound=105.0,
-            group_pattern: str = BLOCK_GROUPS,
+            group_pattern: str = MODULE_GROUPS,
             prototypes: jax.Array | None = None, prototype_weight=0.0,
             prototype_bound=18.0, pull_weight=0.0,
             axis_name: str | None = None) -> Immunizer:
@@ -137,7 +147,8 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
     alpha: structure (group-lasso) weight; ``alpha_warmup_steps``: 0 before
       this many steps (the code's ``--warmup_alpha``).
     beta, bound: the bounded forget term ``beta * ReLU(bound - CE_f)``.
-    group_pattern: regex whose first group names an adapter's group.
+    group_pattern: regex whose first group names an adapter's group
+      (default: one group per top-level module, see :func:`groups`).
     prototypes: ``(classes, dim)`` class means (GS-LoRA++), or None.
     prototype_weight, prototype_bound: ``lambda_f * ReLU(BND_pro -
       KL_f)`` pushes forgotten classes from their prototypes.
