@@ -17,7 +17,20 @@ that last product). Where the gap is resolved -- ``g = min_j |rho - theta_j| -
 r_j > r`` over the other Ritz values ``theta_j`` (explicit residuals for the
 next pair, Ritz estimates beyond), and the nearest of them has converged to a
 tenth of its distance -- the Kato-Temple bound ``r^2 / g`` applies and is
-usually far tighter. ``bounds = min(r, r^2/g)``.
+usually far tighter. ``bounds = max(min(r, r^2/g), floor)``.
+
+**The rounding floor.** No bound is smaller than the rounding of the
+arithmetic it rests on: ``floor = ROUNDING_FACTOR * (eps_p + sqrt(D) eps_b)
+* (|rho| + ||A||~)``, with ``eps_p`` the machine epsilon of the products'
+dtype (float32 for a float32 network's HVP, whatever the basis), ``eps_b``
+the basis dtype's (the Rayleigh quotient is a length-``D`` dot product in
+it) and ``||A||~`` the largest ``|theta|`` among the Ritz values (a lower
+estimate of ``||A||``). Without it the ``r^2/g`` bound reaches 1e-30 where
+the Rayleigh quotient itself is only good to a few ulps, and ``|lambda -
+value| <= bound`` fails against a dense ``eigvalsh`` (itself off by ~10
+ulps of ``||A||`` at ``D`` ~ 100). For float32 products the floor is about
+``1e-6 * |rho|`` at the top of the spectrum; a ``tol`` below ``floor /
+|value|`` cannot be met, and ``converged`` is then False.
 
 What is and is not certified. The residual bound is rigorous: *an*
 eigenvalue lies within ``r`` of ``rho``. The gap bound assumes that no
@@ -80,6 +93,12 @@ WHICH = ("top", "bottom", "both")
 CRITERIA = ("value", "vector")
 DEFAULT_BASIS = 20
 NEIGHBOUR_FRACTION = 0.1
+# The floor on every bound, in units of (eps_p + sqrt(D) eps_b) * (|value| +
+# ||A||~): covers the few ulps a Rayleigh quotient of rounded products is
+# off; checked against dense eigvalsh on 20 random operators, float64 and
+# float32 products (tests/test_eigensolver.py). Float32 products leave no
+# room above it: 4 puts the floor at ~1e-6 relative at the top.
+ROUNDING_FACTOR = 4.0
 
 
 class Eigenpairs(NamedTuple):
@@ -186,8 +205,17 @@ def _order(theta, real, which, k):
           jnp.concatenate([up[:k + 1], down[:k + 1]]))
 
 
-def _bounds(values, residuals, theta, others_res, real, self_idx):
-  """``min(r, r^2/g)`` with ``g = min_{j != i, real} |value_i - theta_j| - r_j``.
+def _floor(values, theta, real, rounding):
+  """The rounding floor of each value's bound (see the module docstring);
+  ``rounding = eps_p + sqrt(D) eps_b``."""
+  norm = jnp.max(jnp.where(real, jnp.abs(theta), 0))
+  return ROUNDING_FACTOR * rounding * (jnp.abs(values) + norm)
+
+
+def _bounds(values, residuals, theta, others_res, real, self_idx,
+            rounding):
+  """``max(min(r, r^2/g), floor)`` with ``g = min_{j != i, real} |value_i -
+  theta_j| - r_j`` and the rounding floor of :func:`_floor`.
 
   The gap counts as resolved only when ``g > r`` and the nearest other Ritz
   value has itself converged to ``NEIGHBOUR_FRACTION`` of its distance: early
@@ -205,7 +233,8 @@ def _bounds(values, residuals, theta, others_res, real, self_idx):
       jnp.arange(values.shape[0]), nearest]
   resolved = jnp.isfinite(gaps) & (gaps > residuals) & settled
   quad = residuals ** 2 / jnp.where(resolved, gaps, 1)
-  return jnp.where(resolved, jnp.minimum(residuals, quad), residuals), gaps
+  bounds = jnp.where(resolved, jnp.minimum(residuals, quad), residuals)
+  return jnp.maximum(bounds, _floor(values, theta, real, rounding)), gaps
 
 
 def _check_config(k, which, tol, max_steps, basis_size, num_keep, check_every,
@@ -345,6 +374,10 @@ def _solve(matvec, config, v0, params):
   k, which, tol, max_steps, m, keep, check_every, by_residual, linearize, \
       dtype = config
   eps = float(np.finfo(dtype).eps)
+  dim = sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(v0))
+  rounding = (max(float(np.finfo(jnp.result_type(x)).eps)
+                  for x in jax.tree_util.tree_leaves(v0))
+              + math.sqrt(dim) * eps)
   start = tb.tmap(lambda x: jnp.asarray(x).astype(dtype), v0)
   start = tb.scale(start, 1 / tb.norm(start))
   if linearize:
@@ -362,7 +395,8 @@ def _solve(matvec, config, v0, params):
   def ritz_test(proj, beta, n):
     theta, _, real, est = _ritz(proj, beta, n, which)
     idx, _ = _order(theta, real, which, k)
-    bounds, _ = _bounds(theta[idx], est[idx], theta, est, real, idx)
+    bounds, _ = _bounds(theta[idx], est[idx], theta, est, real, idx,
+                        rounding)
     ok = jnp.all((est[idx] if by_residual else bounds)
                  <= tol * jnp.abs(theta[idx]))
     return ok & (jnp.sum(real) >= wanted)
@@ -437,10 +471,12 @@ def _solve(matvec, config, v0, params):
       j=jnp.asarray(0), steps=jnp.asarray(0), restarts=jnp.asarray(0),
       done=jnp.asarray(False), stop=jnp.asarray(False))
   state = jax.lax.while_loop(cond, body, init)
-  return _certify(state, apply, which, k, tol, linearize, by_residual)
+  return _certify(state, apply, which, k, tol, linearize, by_residual,
+                  rounding)
 
 
-def _certify(state, apply, which, k, tol, linearized, by_residual):
+def _certify(state, apply, which, k, tol, linearized, by_residual,
+             rounding):
   """Explicit residuals of the wanted pairs and their next neighbours."""
   theta, s, real, est = _ritz(state.proj, state.beta, state.j, which)
   wanted_idx, near_idx = _order(theta, real, which, k)
@@ -457,7 +493,8 @@ def _certify(state, apply, which, k, tol, linearized, by_residual):
   est = est.at[near_idx].set(res)
   pick = _positions(which, k)
   values, residuals = rho[pick], res[pick]
-  bounds, gaps = _bounds(values, residuals, theta, est, real, wanted_idx)
+  bounds, gaps = _bounds(values, residuals, theta, est, real, wanted_idx,
+                         rounding)
   converged = (jnp.all((residuals if by_residual else bounds)
                        <= tol * jnp.abs(values))
                & jnp.all(jnp.isfinite(values))
@@ -500,11 +537,14 @@ def condition_number_bounds(matvec: TreeMatvec, v0: PyTree, *params,
   One Lanczos run with ``which="both"``; each end is solved to ``tol / 3`` so
   that ``upper / lower - 1 <= tol`` once both are certified. The bounds use
   ``rho_max <= lambda_max <= rho_max + b_max`` and ``rho_min - b_min <=
-  lambda_min <= rho_min``; ``upper`` is ``inf`` while ``rho_min - b_min <=
-  0``. Eager calls raise ``ValueError`` when the smallest Rayleigh quotient is
-  not positive (the operator is not positive definite -- a rank-deficient
-  Gram's ``kappa`` is taken over its non-zero spectrum: use
-  :func:`immunojax.spectral.condition_number` there).
+  lambda_min <= rho_min``. Eager calls raise ``ValueError`` when the
+  smallest Rayleigh quotient is not positive (the operator is not positive
+  definite -- a rank-deficient Gram's ``kappa`` is taken over its non-zero
+  spectrum: use :func:`immunojax.spectral.condition_number` there). Whenever
+  positive definiteness is not certified (``rho_min - b_min <= 0``; under
+  ``jit`` this includes an indefinite operator, which cannot raise there),
+  ``kappa`` and ``lower`` are NaN, ``upper`` and ``relative_error`` are
+  ``inf`` and ``converged`` is False.
   """
   pairs = eigenpairs(matvec, v0, *params, k=1, which="both", tol=tol / 3,
                      **options)
@@ -515,9 +555,12 @@ def condition_number_bounds(matvec: TreeMatvec, v0: PyTree, *params,
         f"condition_number_bounds: the smallest eigenvalue is about "
         f"{float(lo_val):.3g} <= 0; kappa = lambda_max / lambda_min needs a "
         "positive definite operator")
-  lower = hi_val / lo_val
   floor = lo_val - lo_b
-  upper = jnp.where(floor > 0, (hi_val + hi_b) / jnp.where(floor > 0, floor, 1),
+  definite = floor > 0
+  lower = jnp.where(definite, hi_val / jnp.where(definite, lo_val, 1),
+                    jnp.nan)
+  upper = jnp.where(definite, (hi_val + hi_b) / jnp.where(definite, floor, 1),
                     jnp.inf)
-  rel = upper / lower - 1
-  return ConditionNumberBounds(lower, lower, upper, rel, rel <= tol, pairs)
+  rel = jnp.where(definite, upper / lower - 1, jnp.inf)
+  return ConditionNumberBounds(lower, lower, upper, rel,
+                               definite & (rel <= tol), pairs)
