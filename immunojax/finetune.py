@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from immunojax import _checks, masks
+from immunojax.parallel.collectives import pmean
 
 PyTree = Any
 
@@ -112,8 +113,7 @@ def finetune(params: PyTree, loss_fn: Callable[[PyTree, Any], jax.Array],
     out, g = jax.value_and_grad(loss_fn, has_aux=_has_aux(loss_fn, p, batch))(
         p, batch)
     loss, aux = out if isinstance(out, tuple) else (out, {})
-    if axis_name is not None:
-      g, loss, aux = jax.lax.pmean((g, loss, aux), axis_name)
+    g, loss, aux = pmean((g, loss, aux), axis_name)
     if first_order:
       g = jax.lax.stop_gradient(g)
     updates, s = opt.update(g, s, p)

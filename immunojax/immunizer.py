@@ -11,13 +11,21 @@ Everything a method needs besides the per-step batch (Grams, harmful sets,
 attacker sets, hyper-parameters) goes in at construction; ``update`` is pure
 and jit-able, and its ``batch`` is whatever the method consumes per step
 (documented by each factory). Factories take an optional ``axis_name``: the
-gradient is then averaged over that named device axis, so sharding wraps a
-method without changing it: :func:`immunojax.parallel.per_device` runs it
-under ``shard_map`` (with ``check_vma=False``: JAX's replication checking
-would already sum the gradients of replicated parameters, and the ``pmean``
-would count them once per device), ``vmap(..., axis_name=)`` over
-simulated workers. Without ``axis_name``,
-:func:`immunojax.parallel.data_parallel` shards by compiler propagation.
+batch's rows are then spread over that named device axis, and the method
+keeps its meaning -- every family's ``update`` on N devices equals its
+one-device ``update`` on the whole batch (``tests/test_parallel.py``, 8
+devices, float64, to 1e-16). Losses that are example means are averaged
+(:func:`immunojax.parallel.pmean` of the gradients); quantities that do not
+split over examples (Grams, weighted means with padding, a ReLU of a mean)
+are formed from global sums first (:func:`immunojax.parallel.global_sum`),
+and a gradient is normalised only after it is averaged. A user's loss given
+to a method must be a mean over its batch's examples for this to hold.
+:func:`immunojax.parallel.per_device` runs such an immunizer under
+``shard_map`` (with ``check_vma=False``: JAX's replication checking would
+already sum the gradients of replicated parameters, and the ``pmean`` would
+count them once per device); ``vmap(..., axis_name=)`` simulates workers.
+Without ``axis_name``, :func:`immunojax.parallel.data_parallel` shards by
+compiler propagation.
 
 :func:`descend` builds the common case, an optimizer following a direction
 (a gradient plus regularizer terms); :func:`supervised` is plain training
@@ -32,6 +40,7 @@ import jax
 import optax
 
 from immunojax import masks
+from immunojax.parallel.collectives import pmean
 
 PyTree = Any
 
@@ -72,9 +81,7 @@ def descend(direction: Callable[[PyTree, Any, jax.Array], tuple[PyTree, dict]],
 
   def update(state, batch, key):
     mask = masks.resolve(trainable, state.params)
-    g, metrics = direction(state.params, batch, key)
-    if axis_name is not None:
-      g, metrics = jax.lax.pmean((g, metrics), axis_name)
+    g, metrics = pmean(direction(state.params, batch, key), axis_name)
     u, opt_state = masks.only(optimizer, mask).update(g, state.opt_state,
                                                       state.params)
     return TrainState(optax.apply_updates(state.params, u), opt_state), metrics

@@ -109,12 +109,19 @@ def prototype_kl(embedding: jax.Array, labels: jax.Array,
     prototypes: ``(classes, dim)`` class-mean features.
     weights: optional ``(batch,)`` example weights (0 for padding).
   """
-  lp = jax.nn.log_softmax(prototypes[labels], axis=-1)
-  lq = jax.nn.log_softmax(embedding, axis=-1)
-  kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+  kl = prototype_kl_values(embedding, labels, prototypes)
   if weights is None:
     return jnp.mean(kl)
   return jnp.sum(weights * kl) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def prototype_kl_values(embedding: jax.Array, labels: jax.Array,
+                        prototypes: jax.Array) -> jax.Array:
+  """``(batch,)`` per-example ``KL(softmax(p_y) || softmax(emb))``, the
+  terms :func:`prototype_kl` averages."""
+  lp = jax.nn.log_softmax(prototypes[labels], axis=-1)
+  lq = jax.nn.log_softmax(embedding, axis=-1)
+  return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
 
 
 def group_norm(group, eps: float = 1e-12) -> jax.Array:

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from immunojax import attacks, immunizer, modes, parallel, spectral  # noqa: E402
+from immunojax import attacks, immunizer, lora, modes, parallel, spectral  # noqa: E402
 from immunojax.methods import imma  # noqa: E402
 from immunojax.methods import sophon as sp  # noqa: E402
 
@@ -235,7 +235,131 @@ def check_spectral() -> dict:
   return out
 
 
+def check_methods() -> dict:
+  """Every method family built with axis_name="data" under per_device on 8
+  devices, against the same method built without it on one device: 10
+  steps, float64. Keys are ``family/variant``; values the largest
+  parameter difference."""
+  from immunojax import losses  # noqa: PLC0415
+  from immunojax.methods import cond_num, gs_lora  # noqa: PLC0415
+  mesh = parallel.local_mesh(8)
+  key = jax.random.PRNGKey(3)
+
+  def compare(build, params, batches, batch_spec=None):
+    ref_imm, got_imm = build(None), build("data")
+    ref_step = jax.jit(ref_imm.update)
+    got_step = parallel.per_device(got_imm.update, mesh, batch_spec=batch_spec)
+    ref, got = ref_imm.init(params, key), got_imm.init(params, key)
+    for t, b in enumerate(batches):
+      k = jax.random.fold_in(key, t)
+      ref, _ = ref_step(ref, b, k)
+      got, _ = got_step(got, b, k)
+    moved = maxdiff(ref_imm.params(ref), ref_imm.params(
+        ref_imm.init(params, key)))
+    return [maxdiff(ref_imm.params(ref), got_imm.params(got)), moved]
+
+  out = {}
+  params, apply = mlp(0, d=6, h=5)
+  feats = lambda p, x: jnp.tanh(x @ p["body"]["kernel"])
+  task = lambda p, b: xent(apply)(p, b)
+  steps = [((data(10 + t, 32)), data(40 + t, 32)) for t in range(10)]
+  deep_batches = [((xp, yp), xh) for (xp, yp), (xh, _) in steps]
+  for name in ("cond_num", "r_ill_only", "opt_kappa"):
+    out[f"cond_num.deep/{name}"] = compare(
+        lambda ax, name=name: cond_num.deep.by_name(
+            name, features_fn=feats, task_loss=task, lambda_p=0.1,
+            lambda_h=0.1, optimizer=optax.sgd(0.05), axis_name=ax),
+        params, deep_batches)
+  out["cond_num.deep/label_kappa"] = compare(
+      lambda ax: cond_num.deep.label_kappa(
+          features_fn=feats, task_loss=task, lambda_p=0.1, lambda_h=0.1,
+          num_classes=4, optimizer=optax.sgd(0.05), axis_name=ax),
+      params, [((xp, yp), (xh, yh)) for (xp, yp), (xh, yh) in steps])
+  x_p, x_h = data(50, 64)[0], data(51, 64)[0]
+  problem = cond_num.linear_problem(x_p, x_h)
+  lin = [(x_p[8 * t:8 * t + 32], jnp.tanh(x_p[8 * t:8 * t + 32, 0]))
+         for t in range(4)]
+  out["cond_num.linear/cond_num"] = compare(
+      lambda ax: cond_num.linear.cond_num(
+          problem, lambda_p=0.1, lambda_h=0.1, optimizer=optax.sgd(0.01),
+          axis_name=ax), cond_num.init_params(6), lin)
+
+  # SOPHON: restricted (D, K, B, ...) rows split on B, original on B.
+  envs = [sp.Environment("full", "adam", 0.01),
+          sp.Environment("reinit_head", "sgd", 0.1),
+          sp.Environment("head", "momentum", 0.05)]
+  def sophon_batch(t):
+    xr, yr = data(60 + t, 2 * 3 * 16)
+    xo, yo = data(80 + t, 16)
+    return {"restricted": (xr.reshape(2, 3, 16, 6), yr.reshape(2, 3, 16)),
+            "original": (xo[None], yo[None])}
+  sb = [sophon_batch(t) for t in range(10)]
+  for order in (True, False):
+    out[f"sophon/first_order={order}"] = compare(
+        lambda ax, order=order: sp.sophon(
+            apply=apply, environments=envs, first_order=order,
+            restricted_loss=losses.ice_paper, axis_name=ax),
+        params, sb, sp.BATCH_SPEC)
+
+  # GS-LoRA++ and the anchored baseline: padded, weighted rows.
+  vit = {"blocks": {"0": {"fc1": {"kernel": jax.random.normal(
+      jax.random.PRNGKey(5), (6, 6)) / 3}}},
+         "head": {"kernel": jax.random.normal(jax.random.PRNGKey(6), (6, 4))}}
+  def forward(p, x, y, k):
+    emb = jnp.tanh(x @ p["blocks"]["0"]["fc1"]["kernel"])
+    return emb @ p["head"]["kernel"], emb
+  def gs_batch(t):
+    (xr, yr), (xf, yf) = data(90 + t, 32), data(110 + t, 32)
+    w = (jnp.arange(32) % 5 != 0).astype(jnp.float64)   # padding rows
+    return {"retain": (xr, yr, w), "forget": (xf, 3 - yf // 3, w[::-1])}
+  gb = [gs_batch(t) for t in range(10)]
+  protos = jax.random.normal(jax.random.PRNGKey(7), (4, 6))
+  cfg = lora.LoraConfig(r=2, lora_alpha=1.0, target_modules=("fc1/kernel",))
+  out["gs_lora/gs_lora_pp"] = compare(
+      lambda ax: gs_lora.gs_lora(
+          forward, lora_config=cfg, optimizer=optax.adam(0.05), alpha=0.01,
+          beta=0.2, bound=1.5, prototypes=protos, prototype_weight=0.5,
+          prototype_bound=2.0, pull_weight=0.1, axis_name=ax), vit, gb)
+  mask = {"blocks": {"0": {"fc1": {"kernel": True}}}, "head": {"kernel": False}}
+  out["gs_lora/finetune_forget"] = compare(
+      lambda ax: gs_lora.finetune_forget(
+          forward, optimizer=optax.adam(0.05), trainable=mask, bound=1.5,
+          anchor_weight=0.1, axis_name=ax), vit, gb)
+
+  # IMMA / MIMA: rows of every concept's batches split.
+  k = jax.random.split(jax.random.PRNGKey(8), 8)
+  m_params = {"attn2": {"to_k": {"kernel": 0.3 * jax.random.normal(
+      k[0], (4, 3))}}, "other": {"kernel": 0.3 * jax.random.normal(
+          k[1], (3, 3))}}
+  def m_loss(p, b):
+    xx, c, yy = b
+    h = jnp.tanh(c @ p["attn2"]["to_k"]["kernel"]) * xx
+    return jnp.mean((h @ p["other"]["kernel"] - yy) ** 2)
+  def concepts(t, lead):
+    kk = jax.random.split(jax.random.fold_in(k[2], t), 3)
+    return (jax.random.normal(kk[0], lead + (16, 3)),
+            jax.random.normal(kk[1], lead + (16, 4)),
+            jax.random.normal(kk[2], lead + (16, 3)))
+  mb = [{"lower": concepts(t, (3, 2)), "upper": concepts(t + 50, (3,)),
+         "prior": jax.tree_util.tree_map(lambda a: a[0],
+                                         concepts(t + 99, (1,)))}
+        for t in range(10)]
+  mspec = {"lower": P(None, None, "data"), "upper": P(None, "data"),
+           "prior": P("data")}
+  for scheme in ("unrolled", "alternating"):
+    out[f"imma/mima_{scheme}"] = compare(
+        lambda ax, scheme=scheme: imma.mima(
+            m_loss, merge=imma.average_merge(), upper=(r"attn2/",),
+            lower=modes.full(), inner_lr=0.1, optimizer=optax.adam(0.05),
+            scheme=scheme, axis_name=ax), m_params, mb, mspec)
+  out["imma/max_ascent"] = compare(
+      lambda ax: imma.max_ascent(m_loss, upper=(r"attn2/",),
+                                 optimizer=optax.adam(0.05), axis_name=ax),
+      m_params, mb, mspec)
+  return out
+
+
 if __name__ == "__main__":
   checks = {"data": check_data, "grid": check_grid,
-            "spectral": check_spectral}
+            "spectral": check_spectral, "methods": check_methods}
   print(json.dumps(checks[sys.argv[1]]()))

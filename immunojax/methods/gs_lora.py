@@ -41,6 +41,7 @@ import optax
 
 from immunojax import lora as _lora, losses, masks
 from immunojax.immunizer import Immunizer
+from immunojax.parallel.collectives import pmean, weighted_mean
 
 PyTree = Any
 Forward = Callable[[PyTree, jax.Array, jax.Array, Any], tuple]
@@ -111,13 +112,16 @@ def class_prototypes(embed: Callable[[jax.Array], jax.Array], x: jax.Array,
   return (onehot.T @ emb) / jnp.maximum(counts, 1.0)[:, None]
 
 
-def _data_loss(forward: Forward, params, batch, key, beta, bound):
+def _data_loss(forward: Forward, params, batch, key, beta, bound, axis_name):
   (xr, yr, wr), (xf, yf, wf) = batch["retain"], batch["forget"]
   kr, kf = jax.random.split(key)
   logits_r, emb_r = forward(params, xr, yr, kr)
   logits_f, emb_f = forward(params, xf, yf, kf)
-  ce_r = losses.weighted_cross_entropy(logits_r, yr, wr)
-  ce_f = losses.weighted_cross_entropy(logits_f, yf, wf)
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  # Global weighted means (over every device's rows under axis_name) before
+  # the bounded forget's ReLU, which does not split over examples.
+  ce_r = weighted_mean(ce(logits_r, yr), wr, axis_name)
+  ce_f = weighted_mean(ce(logits_f, yf), wf, axis_name)
   value = ce_r + beta * losses.bounded_forget(ce_f, bound)
   return value, (emb_r, emb_f, {"retain_ce": ce_r, "forget_ce": ce_f})
 
@@ -154,7 +158,11 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
       KL_f)`` pushes forgotten classes from their prototypes.
     pull_weight: ``lambda_r * KL_r`` pulls retained ones in (0 in every
       released script).
-    axis_name: ``pmean`` the gradient over this named axis.
+    axis_name: the batch's rows are spread over this named device axis:
+      the cross-entropies and prototype distances are global weighted means
+      (before the ReLUs), the gradients are averaged, and the step equals
+      the one-device step on the whole batch (dropout masks are drawn per
+      device, so with dropout it equals it in distribution only).
 
   Returns:
     An :class:`Immunizer`; ``init(params, key)`` makes fresh adapters,
@@ -169,15 +177,17 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
   def loss(adapters, base, batch, key, step):
     params = _lora.merge(base, adapters, lora_config)
     value, (emb_r, emb_f, metrics) = _data_loss(forward, params, batch, key,
-                                                beta, bound)
+                                                beta, bound, axis_name)
     structure = losses.group_lasso(groups(adapters, group_pattern))
     a = jnp.where(step < alpha_warmup_steps, 0.0, alpha)
     value = value + a * structure
     metrics["structure"] = structure
     if prototypes is not None:
       (_, yr, wr), (_, yf, wf) = batch["retain"], batch["forget"]
-      push = losses.prototype_kl(emb_f, yf, prototypes, wf)
-      pull = losses.prototype_kl(emb_r, yr, prototypes, wr)
+      push = weighted_mean(losses.prototype_kl_values(emb_f, yf, prototypes),
+                           wf, axis_name)
+      pull = weighted_mean(losses.prototype_kl_values(emb_r, yr, prototypes),
+                           wr, axis_name)
       value = value + (prototype_weight * jax.nn.relu(prototype_bound - push)
                        + pull_weight * pull)
       metrics.update(prototype_push=push, prototype_pull=pull)
@@ -185,10 +195,8 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
     return value, metrics
 
   def update(state, batch, key):
-    g, metrics = jax.grad(loss, has_aux=True)(state.adapters, state.base,
-                                              batch, key, state.step)
-    if axis_name is not None:
-      g, metrics = jax.lax.pmean((g, metrics), axis_name)
+    g, metrics = pmean(jax.grad(loss, has_aux=True)(
+        state.adapters, state.base, batch, key, state.step), axis_name)
     u, opt_state = optimizer.update(g, state.opt_state, state.adapters)
     return GSLoraState(state.base, optax.apply_updates(state.adapters, u),
                        opt_state, state.step + 1), metrics
@@ -221,6 +229,7 @@ def finetune_forget(forward: Forward, *,
   Args:
     trainable: bool mask pytree over the params (the paper's baselines
       freeze the head); frozen leaves get no update and no weight decay.
+    axis_name: as :func:`gs_lora`.
   """
   opt = masks.only(optimizer, trainable)
 
@@ -230,7 +239,7 @@ def finetune_forget(forward: Forward, *,
 
   def loss(params, anchor, batch, key):
     value, (_, _, metrics) = _data_loss(forward, params, batch, key, beta,
-                                        bound)
+                                        bound, axis_name)
     sq = jax.tree_util.tree_map(lambda p, a: jnp.square(p - a), params,
                                 anchor)
     if importance is not None:
@@ -242,10 +251,8 @@ def finetune_forget(forward: Forward, *,
     return value, metrics
 
   def update(state, batch, key):
-    g, metrics = jax.grad(loss, has_aux=True)(state.params, state.anchor,
-                                              batch, key)
-    if axis_name is not None:
-      g, metrics = jax.lax.pmean((g, metrics), axis_name)
+    g, metrics = pmean(jax.grad(loss, has_aux=True)(
+        state.params, state.anchor, batch, key), axis_name)
     u, opt_state = opt.update(g, state.opt_state, state.params)
     return AnchoredState(optax.apply_updates(state.params, u), state.anchor,
                          opt_state), metrics

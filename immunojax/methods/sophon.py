@@ -43,6 +43,8 @@ from jax.sharding import PartitionSpec
 
 from immunojax import _checks, losses, modes, optimizers as _optimizers
 from immunojax.immunizer import Immunizer
+from immunojax.parallel.collectives import (axis_index, axis_size, pmean,
+                                            weighted_mean)
 from immunojax.parallel.grid import sequential_map
 from immunojax.parallel.mesh import DATA
 
@@ -106,6 +108,23 @@ def _support_query(x, y, key, num_support):
   return (x[s], y[s]), (x[q], y[q])
 
 
+def _support_query_masks(key, local_rows, support_fraction, axis_name):
+  """The split of :func:`_support_query` over the whole batch spread along
+  ``axis_name``, as ``(support, query)`` 0/1 weights of this device's rows
+  (the same permutation of the ``local_rows * devices`` global rows)."""
+  b = local_rows * axis_size(axis_name)
+  num_support = max(1, min(b - 1, int(round(b * support_fraction))))
+  rank = jnp.argsort(jax.random.permutation(key, b))   # position in perm
+  rows = axis_index(axis_name) * local_rows + jnp.arange(local_rows)
+  support = (rank[rows] < num_support).astype(jnp.float32)
+  return support, 1.0 - support
+
+
+def _per_example(loss_fn, out, y):
+  """``loss_fn`` (a batch mean) on each example alone: ``(B,)``."""
+  return jax.vmap(lambda o, t: loss_fn(o[None], t[None]))(out, y)
+
+
 def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
            environments: Sequence[Environment],
            restricted_loss: Callable = losses.ice_code,
@@ -151,7 +170,12 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
     remat: the simulated fine-tuning's ``remat`` (see
       :func:`immunojax.finetune.finetune`): ``"nested"`` keeps the
       second-order loop's memory near ``sqrt(K)`` carries.
-    axis_name: average both modules' gradients over this device axis.
+    axis_name: the rows of both batches are spread over this device axis
+      (``BATCH_SPEC``): the support/query split is the one-device split of
+      the whole batch (as per-row masks), the simulated attacker's and both
+      modules' losses are global means and their gradients averaged, so an
+      update equals the one-device update. The losses must be batch means
+      of per-example terms (every loss in :mod:`immunojax.losses` is).
     environments_per_update: the paper's ``N``: independent simulated
       attacks per FTS update, each sampling its own environment and
       support/query split of the same restricted batch; their
@@ -188,28 +212,44 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
   def simulate(env: Environment, opt, params, xs, ys, key):
     """One simulated attack on one domain: ``(mean query loss, its
     first-order meta-gradient or None)``."""
-    k, b = xs.shape[0], xs.shape[1]
-    num_support = max(1, min(b - 1, int(round(b * support_fraction))))
+    k = xs.shape[0]
     init_key, split_key = jax.random.split(key)
-    split = jax.vmap(lambda x, y, kk: _support_query(x, y, kk, num_support))
-    (xs_s, ys_s), (xs_q, ys_q) = split(xs, ys, jax.random.split(split_key, k))
+    split_keys = jax.random.split(split_key, k)
     # Step t trains on support t and scores query t-1 at theta'_t (t >= 1);
     # the update of the last step (t = K) is discarded.
     last = lambda a: jnp.concatenate([a, a[-1:]])
     first = lambda a: jnp.concatenate([a[:1], a])
-    batches = (last(xs_s), last(ys_s), first(xs_q), first(ys_q),
-               (jnp.arange(k + 1) > 0).astype(xs.dtype))
+    weight = (jnp.arange(k + 1) > 0).astype(xs.dtype)
+    if axis_name is None:
+      b = xs.shape[1]
+      num_support = max(1, min(b - 1, int(round(b * support_fraction))))
+      split = jax.vmap(lambda x, y, kk: _support_query(x, y, kk, num_support))
+      (xs_s, ys_s), (xs_q, ys_q) = split(xs, ys, split_keys)
+      batches = (last(xs_s), last(ys_s), None, first(xs_q), first(ys_q),
+                 None, weight)
+      mean_of = lambda fn, out, y, w: fn(out, y)
+    else:
+      # Rows are spread over the axis: the split is the one-device split
+      # of the whole batch (same permutation), as per-row masks, and the
+      # losses are global weighted means of per-example values.
+      ws, wq = jax.vmap(lambda kk: _support_query_masks(
+          kk, xs.shape[1], support_fraction, axis_name))(split_keys)
+      batches = (last(xs), last(ys), last(ws), first(xs), first(ys),
+                 first(wq), weight)
+      mean_of = lambda fn, out, y, w: weighted_mean(
+          _per_example(fn, out, y), w, axis_name)
 
     def loss(p, batch):
-      xs_, ys_, xq, yq, weight = batch
-      query = lambda q: weight * restricted_loss(apply(q, xq), yq)
+      xs_, ys_, w_s, xq, yq, w_q, step_weight = batch
+      query = lambda q: step_weight * mean_of(restricted_loss, apply(q, xq),
+                                              yq, w_q)
       aux = {"query": query(p)}
       if first_order:
         # FOMAML: d theta'_t / d theta = I, so the meta-gradient is the sum
         # of the query gradients at the adapted points, taken here (explicit
         # accumulation, no reverse pass through the loop).
         aux["query_grad"] = jax.grad(query)(p)
-      return inner_loss(apply(p, xs_), ys_), aux
+      return mean_of(inner_loss, apply(p, xs_), ys_, w_s), aux
 
     mode = modes.from_name(env.mode, head_patterns=head)
     if env.mode == "reinit_head":
@@ -221,8 +261,8 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
     else:
       start = params
     res = modes.adapt(mode, start, loss, opt, batches, key=init_key,
-                      first_order=first_order,
-                      remat=remat, check_finite=False)
+                      first_order=first_order, remat=remat,
+                      axis_name=axis_name, check_finite=False)
     value = jnp.sum(res.metrics["query"]) / k
     if not first_order:
       return value, None
@@ -269,17 +309,14 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
 
   def update(state, batch, key):
     fts, g, env_index = fts_mean(state.params, batch["restricted"], key)
-    if axis_name is not None:
-      g = jax.lax.pmean(g, axis_name)
+    g = pmean(g, axis_name)
     u, fts_state = fts_opt.update(g, state.fts_state, state.params)
     params = optax.apply_updates(state.params, u)
 
     def ntr_step(carry, b):
       p, s = carry
-      value, gn = jax.value_and_grad(
-          lambda q: original_loss(apply(q, b[0]), b[1]))(p)
-      if axis_name is not None:
-        gn = jax.lax.pmean(gn, axis_name)
+      value, gn = pmean(jax.value_and_grad(
+          lambda q: original_loss(apply(q, b[0]), b[1]))(p), axis_name)
       un, s = ntr_opt.update(gn, s, p)
       return (optax.apply_updates(p, un), s), value
 

@@ -9,8 +9,13 @@
 * :func:`sharded_vmap`: a ``vmap`` whose jobs (attackers, concepts,
   simulated environments) are spread over devices with ``shard_map``.
 * :func:`initialize` / :func:`is_primary`: several processes as one program.
+* :func:`pmean`, :func:`global_sum`, :func:`weighted_mean`: the collectives
+  an immunizer built with ``axis_name`` uses (the identity for None).
 """
 
+from immunojax.parallel.collectives import (axis_index, axis_size,
+                                            global_sum, pmean, psum,
+                                            weighted_mean)
 from immunojax.parallel.data import (batch_shardings, constrain,
                                      data_parallel, per_device, shard_batch,
                                      split_batch,
@@ -20,7 +25,9 @@ from immunojax.parallel.grid import MapFn, sequential_map, sharded_vmap
 from immunojax.parallel.mesh import (DATA, global_mesh, local_mesh,
                                      replicated, size)
 
-__all__ = ["DATA", "MapFn", "batch_shardings", "constrain", "data_parallel",
-           "global_mesh", "initialize", "is_primary", "local_mesh",
-           "per_device", "replicated", "sequential_map", "shard_batch",
-           "sharded_vmap", "size", "split_batch", "state_shardings"]
+__all__ = ["DATA", "MapFn", "axis_index", "axis_size", "batch_shardings",
+           "constrain", "data_parallel", "global_mesh", "global_sum",
+           "initialize", "is_primary", "local_mesh", "per_device", "pmean",
+           "psum", "replicated", "sequential_map", "shard_batch",
+           "sharded_vmap", "size", "split_batch", "state_shardings",
+           "weighted_mean"]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from immunojax import spectral
+from immunojax.parallel.collectives import global_sum
 
 
 def frobenius_sq(s: jax.Array) -> jax.Array:
@@ -41,24 +42,37 @@ def r_ill(s: jax.Array, *, rank=None,
   return 1.0 / (frobenius_sq(s) / (2 * k) - 0.5 * e.sigma_min ** 2)
 
 
-def feature_gram(features: jax.Array, *, small: bool = True
-                 ) -> tuple[jax.Array, int]:
-  """The cheaper of ``F^T F`` / ``F F^T`` (same non-zero spectrum) and ``D``."""
+def feature_gram(features: jax.Array, *, small: bool = True,
+                 axis_name: str | None = None) -> tuple[jax.Array, int]:
+  """The cheaper of ``F^T F`` / ``F F^T`` (same non-zero spectrum) and ``D``.
+
+  With ``axis_name`` the rows of ``F`` are spread over that device axis:
+  the Gram is the global ``F^T F = sum_devices F_i^T F_i`` (``D x D``; the
+  small one does not split over rows), see
+  :func:`immunojax.parallel.global_sum`.
+  """
+  if axis_name is not None:
+    return global_sum(features.T @ features, axis_name), features.shape[1]
   return spectral.gram(features, small=small), features.shape[1]
 
 
-def r_well_features(features: jax.Array) -> jax.Array:
-  """``R_well(F^T F)`` computed on the smaller Gram."""
-  s, d = feature_gram(features)
+def r_well_features(features: jax.Array, *,
+                    axis_name: str | None = None) -> jax.Array:
+  """``R_well(F^T F)`` computed on the smaller Gram (the global one over
+  ``axis_name``)."""
+  s, d = feature_gram(features, axis_name=axis_name)
   return r_well(s, p=d)
 
 
 def r_ill_features(features: jax.Array, *,
-                   estimator: spectral.EstimatorLike = "pinv") -> jax.Array:
+                   estimator: spectral.EstimatorLike = "pinv",
+                   axis_name: str | None = None) -> jax.Array:
   """``R_ill(F^T F)``: on the smaller Gram for ``pinv``; on ``F^T F`` itself
-  for ``official``, whose shift acts on all ``D`` eigenvalues."""
+  for ``official``, whose shift acts on all ``D`` eigenvalues (the global
+  ``F^T F`` over ``axis_name``)."""
   est = spectral.estimator(estimator)
-  s, _ = feature_gram(features, small=est.name != "official")
+  s, _ = feature_gram(features, small=est.name != "official",
+                      axis_name=axis_name)
   return r_ill(s, estimator=est)
 
 

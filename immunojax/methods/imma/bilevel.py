@@ -44,6 +44,7 @@ import optax
 from immunojax import _checks, masks, modes
 from immunojax.immunizer import Immunizer, descend
 from immunojax.methods.imma.merge import Merge, single
+from immunojax.parallel.collectives import pmean
 
 PyTree = Any
 SCHEMES = ("unrolled", "alternating")
@@ -133,7 +134,10 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
     prior_weight: weight of the descended prior loss (0: the paper's pure
       objective).
     remat: passed to the inner fine-tuning (``"unrolled"``).
-    axis_name: average gradients over this named axis.
+    axis_name: every batch's rows are spread over this named axis: the
+      lower level's and the upper level's gradients are averaged over it,
+      so an update equals the one-device update (``loss_fn`` must be a
+      mean over its batch's examples).
     concept_map: how the per-concept adaptations are mapped: ``jax.vmap``
       (default), or :func:`immunojax.parallel.sharded_vmap` to spread the
       concepts over devices (same result).
@@ -180,7 +184,7 @@ def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
       def adapt_one(b, k):
         return modes.adapt(lower, p, loss_fn, inner, b, key=k,
                            first_order=first_order, remat=remat,
-                           check_finite=False)
+                           axis_name=axis_name, check_finite=False)
       res = concept_map(adapt_one)(batch["lower"], jax.random.split(key, n))
       merged = merge.apply(p, res.params)
       total, metrics = _upper_loss(loss_fn, merged, batch, prior_weight)
@@ -220,10 +224,8 @@ def _alternating(loss_fn, merge, upper, lower, inner_lr, optimizer,
 
     def lower_step(carry, b):              # b: leaves (N, ...)
       p, s = carry
-      losses, g = concept_map(jax.value_and_grad(loss_fn),
-                              in_axes=(None, 0))(p, b)
-      if axis_name is not None:
-        g, losses = jax.lax.pmean((g, losses), axis_name)
+      losses, g = pmean(concept_map(jax.value_and_grad(loss_fn),
+                                    in_axes=(None, 0))(p, b), axis_name)
       copies = jax.tree_util.tree_map(lambda w, gn: w[None] - inner_lr * gn,
                                       p, g)
       fused = merge.apply(p, copies)
@@ -237,11 +239,9 @@ def _alternating(loss_fn, merge, upper, lower, inner_lr, optimizer,
                                          batch["lower"])
     (params, inner_state), inner_losses = jax.lax.scan(
         lower_step, (state.params, state.inner_state), steps_first)
-    (_, metrics), g = jax.value_and_grad(
+    (_, metrics), g = pmean(jax.value_and_grad(
         lambda p: _upper_loss(loss_fn, p, batch, prior_weight),
-        has_aux=True)(params)
-    if axis_name is not None:
-      g, metrics = jax.lax.pmean((g, metrics), axis_name)
+        has_aux=True)(params), axis_name)
     u, upper_state = outer.update(g, state.upper_state, params)
     params = optax.apply_updates(params, u)
     return (AlternatingState(state.base, params, inner_state, upper_state),
