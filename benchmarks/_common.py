@@ -49,12 +49,29 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
                  help="JSON output path (a PNG is written beside it)")
   p.add_argument("--repeats", type=int, default=None,
                  help="timed repeats per measurement (median reported)")
+  p.add_argument("--no-compile-cache", action="store_true",
+                 help="compile every program afresh (default: JAX's "
+                 "persistent compilation cache; first-call times then "
+                 "include loading, not compiling, on a warm cache)")
   return p
+
+
+_CACHE: dict = {}
+
+
+def start(args) -> None:
+  """Call after parsing: turns on the persistent compilation cache unless
+  ``--no-compile-cache`` (recorded in every output's ``machine``)."""
+  from immunojax import compile_cache  # noqa: PLC0415
+  path = None if args.no_compile_cache else compile_cache.enable()
+  _CACHE.update(directory=str(path) if path else None,
+                entries_at_start=compile_cache.entries(path) if path else 0)
 
 
 def machine() -> dict:
   return {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-          "python": platform.python_version(), "processor": platform.machine()}
+          "python": platform.python_version(), "processor": platform.machine(),
+          "compile_cache": dict(_CACHE) or None}
 
 
 def write(out: str, payload: dict) -> Path:

@@ -67,6 +67,7 @@ def main(argv=None):
   p = _common.parser(__doc__.splitlines()[0], "results/benchmarks/cond_num.json")
   p.add_argument("--data-dir", default=None)
   args = p.parse_args(argv)
+  _common.start(args)
   jax.config.update("jax_enable_x64", True)
   arrays, source = load(args.data_dir)
   records = []

@@ -9,7 +9,7 @@ MLP (784-1024-512-10 at 1.33M): the certified solver (its default restarted
 basis of 20, a full basis of 150, and the default on a float32 copy of the
 network: float32 products, float64 basis), fixed-step Lanczos, power iteration
 with PyHessian's stopping rule and scipy's eigsh, each against a long
-reference run certified to 1e-12.
+reference run certified to 1e-10.
 
 Prints one line per measurement and a summary with the ratios the targets are
 stated in; writes ``--out`` (records + summary) and a PNG beside it.
@@ -247,8 +247,10 @@ def certified_top(num_params, *, records, log, light=False):
   def solver(p, xx, v, **kw):
     return spectral.top_eigenvalues(mv, v, p, xx, y, **kw)
 
-  # Reference: a long restarted run to a 1e-12 certificate.
-  ref_fn = jax.jit(lambda p, v: solver(p, x, v, tol=1e-12, max_steps=600,
+  # Reference: a long restarted run to a 1e-10 certificate.
+  # 1e-10: the rounding floor of the bound (~2e-12 relative at 1M
+  # float64 parameters) leaves 1e-12 out of reach.
+  ref_fn = jax.jit(lambda p, v: solver(p, x, v, tol=1e-10, max_steps=600,
                                        basis_size=40))
   t = time.perf_counter()
   ref = ref_fn(params, v0)
@@ -257,7 +259,7 @@ def certified_top(num_params, *, records, log, light=False):
       note="one call, compile included",
       lambda_max=ref_val, certified_relative_error=float(
           ref.relative_bounds[0]), converged=bool(ref.converged),
-      matvecs=int(ref.num_matvecs), tol=1e-12, basis_size=40)
+      matvecs=int(ref.num_matvecs), tol=1e-10, basis_size=40)
 
   def run_solver(method, p, xx, v, **kw):
     # One compilation serves the memory account and the timed runs.
@@ -278,11 +280,12 @@ def certified_top(num_params, *, records, log, light=False):
 
   # The solver as a user gets it (restarted, basis of 20), the full basis
   # the issue sized, and the default on a float32 copy of the network.
+  full_steps = 48 if light else FULL_MAX_STEPS   # smoke: 3 chunks, not 10
   default, _ = run_solver("certified", params, x, v0, tol=CERTIFIED_TOL,
                           max_steps=4 * FULL_MAX_STEPS)
   full, full_res = run_solver("certified_full_basis", params, x, v0,
-                              tol=CERTIFIED_TOL, max_steps=FULL_MAX_STEPS,
-                              basis_size=FULL_MAX_STEPS)
+                              tol=CERTIFIED_TOL, max_steps=full_steps,
+                              basis_size=full_steps)
   # The full basis sized to exactly the steps it used: the fairest memory
   # comparison (a user cannot know that number in advance).
   steps_used = int(full_res.num_matvecs) - 2
@@ -414,6 +417,7 @@ def main(argv=None):
                       "784-2w-w-10 MLPs of at least these many parameters "
                       "(e.g. --params 1e6)")
   args = p.parse_args(argv)
+  _common.start(args)
   if args.params and any(n < 100 or n > 5e7 for n in args.params):
     p.error(f"--params must lie in [100, 5e7], got {args.params}")
   jax.config.update("jax_enable_x64", True)

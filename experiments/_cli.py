@@ -56,11 +56,16 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
                       "/ IMMUNOJAX_PROCESS_ID or the cluster (SLURM, ...); "
                       "the mesh spans every process's devices (--devices "
                       "local devices each)")
+  parser.add_argument("--no-compile-cache", action="store_true",
+                      help="compile every program afresh (default: JAX's "
+                      "persistent compilation cache in "
+                      "$IMMUNOJAX_COMPILE_CACHE or ~/.cache/immunojax/jax; "
+                      "IMMUNOJAX_COMPILE_CACHE=off also turns it off)")
   _config.add_config_arguments(parser, config_cls, quick)
   args = parser.parse_args(argv)
   run_keys = {"quick", "out", "config", "resume", "overwrite", "quiet",
               "checkpoint_every", "keep_checkpoints", "fallback", "devices",
-              "distributed"}
+              "distributed", "no_compile_cache"}
   cli_values = {k: v for k, v in vars(args).items() if k not in run_keys}
   file_values = _config.load_config_file(args.config) if args.config else None
   config = _config.resolve(config_cls, quick=args.quick, quick_overrides=quick,
@@ -85,7 +90,8 @@ def parse(name: str, config_cls, quick: dict, argv=None, description=""):
                        checkpoint_every=args.checkpoint_every,
                        keep_checkpoints=args.keep_checkpoints,
                        fallback=args.fallback, devices=args.devices,
-                       distributed=args.distributed)
+                       distributed=args.distributed,
+                       compile_cache=not args.no_compile_cache)
   return config, options
 
 
@@ -115,6 +121,9 @@ def entry_point(name: str, config_cls, run_fn, *, quick: dict,
       import jax  # noqa: PLC0415
       if x64:
         jax.config.update("jax_enable_x64", True)
+      if options.compile_cache:
+        from immunojax import compile_cache  # noqa: PLC0415
+        compile_cache.enable()
       start_devices(options)
       prepare_dir(name, config, options)
       run = Run(name, config, options)

@@ -66,6 +66,7 @@ class RunOptions:
   fallback: bool = False
   devices: int = 1
   distributed: bool = False
+  compile_cache: bool = True
 
 
 def jsonable(x):

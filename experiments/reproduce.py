@@ -43,11 +43,20 @@ def main(argv=None) -> int:
   p.add_argument("--only", default=None, help="comma-separated module names")
   p.add_argument("--devices", type=int, default=1,
                  help="passed to every experiment [default: 1]")
+  p.add_argument("--no-compile-cache", action="store_true",
+                 help="passed to every experiment: compile every program "
+                 "afresh (default: JAX's persistent compilation cache)")
   args = p.parse_args(argv)
   if args.devices < 1:
     p.error("--devices must be >= 1")
   only = set(args.only.split(",")) if args.only else None
   failures, skips = [], []
+  from immunojax import compile_cache  # noqa: PLC0415
+  cache = (None if args.no_compile_cache or
+           compile_cache.disabled_by_environment()
+           else compile_cache.default_directory())
+  cached_before = compile_cache.entries(cache) if cache else 0
+  started = time.perf_counter()
   for name, needs_data in EXPERIMENTS:
     if only and name not in only:
       continue
@@ -67,6 +76,8 @@ def main(argv=None) -> int:
       cmd.append("--quick")
     if args.devices > 1:
       cmd += ["--devices", str(args.devices)]
+    if args.no_compile_cache:
+      cmd.append("--no-compile-cache")
     if needs_data:
       cmd += ["--data-dir", str(args.data_dir)]
     print(f"[reproduce] {' '.join(cmd[1:])}", flush=True)
@@ -79,6 +90,15 @@ def main(argv=None) -> int:
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / report.SKIPPED).write_text(json.dumps(skips, indent=2))
   report.main([str(args.out)])
+  wall = time.perf_counter() - started
+  if cache is None:
+    state = "compile cache off"
+  else:
+    added = compile_cache.entries(cache) - cached_before
+    state = (f"compile cache {'warm' if cached_before else 'cold'} "
+             f"({cached_before} programs cached before, {added} added; "
+             f"{cache})")
+  print(f"[reproduce] wall time {wall:.1f} s; {state}", flush=True)
   if failures:
     print(f"[reproduce] failed: {failures}", file=sys.stderr)
     return 1

@@ -21,7 +21,19 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from immunojax import compile_cache  # noqa: E402
+
 jax.config.update("jax_enable_x64", True)
+
+# One persistent compilation cache for the whole test run: every xdist
+# worker and every experiment a test starts as a subprocess (through the
+# environment) share it, and the next run starts warm. `pytest --cache-clear`
+# empties .pytest_cache and so starts cold; IMMUNOJAX_COMPILE_CACHE=off
+# turns it off.
+if not compile_cache.disabled_by_environment():
+  os.environ.setdefault(compile_cache.ENV, str(
+      Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compile"))
+  compile_cache.enable()
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get(

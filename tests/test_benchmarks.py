@@ -30,3 +30,16 @@ def test_benchmark_quick_writes_summary(tmp_path, name, keys):
   assert payload["records"] and "targets_met" in payload["summary"]
   if name != "cond_num":
     assert out.with_suffix(".png").exists()
+
+
+def test_peers_without_torch_says_how_to_install(capsys):
+  """benchmarks.peers is not run here (torch, PyHessian); without them it
+  names the extra and exits 0."""
+  import importlib.util
+  if importlib.util.find_spec("torch") and importlib.util.find_spec(
+      "pyhessian"):
+    pytest.skip("torch and PyHessian are installed: run benchmarks.peers "
+                "by hand")
+  from benchmarks import peers
+  assert peers.main(["--smoke"]) == 0
+  assert 'pip install -e ".[peers]"' in capsys.readouterr().out

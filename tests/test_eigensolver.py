@@ -225,3 +225,21 @@ def test_bad_input_is_named(case, error, match):
   }
   with pytest.raises(error, match=match):
     calls[case]()
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-10])
+def test_stops_within_a_fifth_of_the_first_step_that_certifies(tol):
+  """On a known spectrum: the solver stops at most 1.2x the steps after
+  which its own certificate (computed by running exactly that many steps)
+  first meets ``tol``."""
+  a = matrix_with_spectrum(EIGS, seed=3)
+  v0 = jnp.asarray(np.random.default_rng(4).normal(size=len(EIGS)))
+  run = jax.jit(lambda m, v, s, t: spectral.top_eigenvalues(
+      dense_matvec, v, m, tol=t, max_steps=s), static_argnums=(2, 3))
+  res = run(a, v0, 80, tol)
+  assert bool(res.converged)
+  steps = int(res.num_matvecs) - 3          # the certificate's 2 + linearize
+  early = int(steps / 1.2)
+  for s in range(max(2, early - 2), early + 1):
+    before = run(a, v0, s, 1e-300)          # exactly s steps, then certify
+    assert float(before.relative_bounds[0]) > tol, (s, steps)

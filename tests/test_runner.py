@@ -215,3 +215,27 @@ def test_optimizers_option_takes_names_and_import_paths(capsys):
     with pytest.raises(SystemExit):
       parse("attack_grid", attack_grid.Config, {}, ["--optimizers", bad])
     assert "--optimizers" in capsys.readouterr().err
+
+
+def test_compile_cache_loads_what_it_can_and_recompiles_a_changed_program(
+    tmp_path):
+  """Experiments use JAX's persistent compilation cache: a rerun adds no
+  entry and gives the same summary; an option that changes the program
+  (here the array shapes) adds entries, and with --no-compile-cache none."""
+  from immunojax import compile_cache
+  cache = tmp_path / "cache"
+  env = {compile_cache.ENV: str(cache)}
+
+  def run(out, *extra):
+    r = run_module(["-m", "experiments.quadratic", "--quick", "--quiet",
+                    "--steps", "60", "--out", str(tmp_path / out), *extra],
+                   env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return compile_cache.entries(cache)
+
+  first = run("a")
+  assert first > 0
+  assert run("b") == first                          # all loaded
+  assert summary(tmp_path / "a") == summary(tmp_path / "b")
+  assert run("c", "--dim", "12", "--no-compile-cache") == first
+  assert run("d", "--dim", "12") > first            # a new program

@@ -151,7 +151,9 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
   ``environments_per_update=N > 1``), plus the guard's score.
 
   Args:
-    apply: ``apply(params, x) -> logits`` (or a denoiser's prediction).
+    apply: ``apply(params, x) -> logits`` (or a denoiser's prediction),
+      row by row (no statistics across the batch: the second-order path
+      runs support and query rows through one call).
     environments: the simulated attackers, one sampled per update.
     restricted_loss: what FTS minimises on the query sets
       (:data:`immunojax.losses.RESTRICTED_LOSSES`).
@@ -241,15 +243,20 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
 
     def loss(p, batch):
       xs_, ys_, w_s, xq, yq, w_q, step_weight = batch
-      query = lambda q: step_weight * mean_of(restricted_loss, apply(q, xq),
-                                              yq, w_q)
-      aux = {"query": query(p)}
+      query = lambda out: step_weight * mean_of(restricted_loss, out, yq, w_q)
       if first_order:
         # FOMAML: d theta'_t / d theta = I, so the meta-gradient is the sum
         # of the query gradients at the adapted points, taken here (explicit
         # accumulation, no reverse pass through the loop).
-        aux["query_grad"] = jax.grad(query)(p)
-      return mean_of(inner_loss, apply(p, xs_), ys_, w_s), aux
+        value, g = jax.value_and_grad(lambda q: query(apply(q, xq)))(p)
+        aux = {"query": value, "query_grad": g}
+        return mean_of(inner_loss, apply(p, xs_), ys_, w_s), aux
+      # Second order: support and query rows in one forward pass (one
+      # larger matmul per layer instead of two; the query is an output the
+      # meta-gradient flows through, not part of the inner gradient).
+      n = xs_.shape[0]
+      out = apply(p, jnp.concatenate([xs_, xq]))
+      return mean_of(inner_loss, out[:n], ys_, w_s), {"query": query(out[n:])}
 
     mode = modes.from_name(env.mode, head_patterns=head)
     if env.mode == "reinit_head":
@@ -275,16 +282,18 @@ def sophon(*, apply: Callable[[PyTree, jax.Array], jax.Array],
     xs, ys = restricted
     keys = jax.random.split(key, xs.shape[0] + 1)
 
+    # Domains one after another (lax.map), not vmapped: a vmapped inner
+    # loop runs batched matmuls, which XLA:CPU does not lower to its fast
+    # GEMM (second order at K = 50: 5.1x K plain steps vmapped, see
+    # benchmarks/bilevel.py for the figure now).
     def on_domains(env, opt, p):
       if first_order:
-        values, grads = jax.vmap(
-            lambda x, y, kk: simulate(env, opt, p, x, y, kk))(
-            xs, ys, keys[1:])
+        values, grads = jax.lax.map(
+            lambda a: simulate(env, opt, p, *a), (xs, ys, keys[1:]))
         return jnp.mean(values), jax.tree_util.tree_map(
             lambda g: jnp.mean(g, axis=0), grads)
-      mean_loss = lambda q: jnp.mean(jax.vmap(
-          lambda x, y, kk: simulate(env, opt, q, x, y, kk)[0])(
-              xs, ys, keys[1:]))
+      mean_loss = lambda q: jnp.mean(jax.lax.map(
+          lambda a: simulate(env, opt, q, *a)[0], (xs, ys, keys[1:])))
       return jax.value_and_grad(mean_loss)(p)
 
     branches = [lambda p, env=env, opt=opt: on_domains(env, opt, p)

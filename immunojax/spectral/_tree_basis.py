@@ -103,26 +103,30 @@ def _flat(b):
   return b.reshape(b.shape[0], -1)   # a bitcast: whole arrays only
 
 
-def project(basis: tuple, w: PyTree, n) -> PyTree:
-  """One classical Gram-Schmidt sweep of ``w`` against rows ``< n``.
+def project(basis: tuple, w: PyTree, n) -> tuple[PyTree, jax.Array]:
+  """One classical Gram-Schmidt sweep of ``w`` against rows ``< n``; also
+  returns the sum of the squared coefficients (``||w||^2`` drops by it
+  when the rows are orthonormal).
 
   Chunks wholly at or beyond ``n`` are skipped; rows beyond ``n`` inside a
   visited chunk (zero, or stale after a restart) are masked out.
   """
+  removed = jnp.zeros((), leaves(basis[0])[0].dtype)
   for c, chunk in enumerate(basis):
     start = c * CHUNK
 
-    def sweep(w, chunk=chunk, start=start):
+    def sweep(args, chunk=chunk, start=start):
+      w, removed = args
       coef = sum(_flat(b) @ jnp.ravel(v)
                  for b, v in zip(leaves(chunk), leaves(w)))
       local = jnp.arange(coef.shape[0])
       coef = jnp.where((start + local < n) & (local < _size(basis, c)),
                        coef, 0)
-      return tmap(lambda v, b: v - (coef @ _flat(b)).reshape(v.shape),
-                  w, chunk)
+      return (tmap(lambda v, b: v - (coef @ _flat(b)).reshape(v.shape),
+                   w, chunk), removed + jnp.sum(coef * coef))
 
-    w = jax.lax.cond(start < n, sweep, lambda w: w, w)
-  return w
+    w, removed = jax.lax.cond(start < n, sweep, lambda a: a, (w, removed))
+  return w, removed
 
 
 def combine(coefs: jax.Array, basis: tuple) -> PyTree:
