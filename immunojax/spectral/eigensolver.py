@@ -9,44 +9,10 @@ steps. The operator is a pytree matvec with explicit parameters,
 basis is stored leaf by leaf in ``basis_dtype``, so no product flattens its
 vector (see :mod:`immunojax.spectral._tree_basis` for the measured reasons).
 
-**The certificate.** After the loop each wanted Ritz vector ``y`` is formed
-and multiplied once more: ``rho = y'Ay / y'y`` and ``r = ||Ay - rho y||/||y||``
-are computed explicitly, not taken from the recurrence. For a symmetric ``A``
-an eigenvalue lies in ``[rho - r, rho + r]`` (rigorous, up to the rounding of
-that last product). Where the gap is resolved -- ``g = min_j |rho - theta_j| -
-r_j > r`` over the other Ritz values ``theta_j`` (explicit residuals for the
-next pair, Ritz estimates beyond), and the nearest of them has converged to a
-tenth of its distance -- the Kato-Temple bound ``r^2 / g`` applies and is
-usually far tighter. ``bounds = max(min(r, r^2/g), floor)``.
-
-**The rounding floor.** No bound is smaller than the rounding of the
-arithmetic it rests on: ``floor = ROUNDING_FACTOR * (eps_p + sqrt(D) eps_b)
-* (|rho| + ||A||~)``, with ``eps_p`` the machine epsilon of the products'
-dtype (float32 for a float32 network's HVP, whatever the basis), ``eps_b``
-the basis dtype's (the Rayleigh quotient is a length-``D`` dot product in
-it) and ``||A||~`` the largest ``|theta|`` among the Ritz values (a lower
-estimate of ``||A||``). Without it the ``r^2/g`` bound reaches 1e-30 where
-the Rayleigh quotient itself is only good to a few ulps, and ``|lambda -
-value| <= bound`` fails against a dense ``eigvalsh`` (itself off by ~10
-ulps of ``||A||`` at ``D`` ~ 100). For float32 products the floor is about
-``1e-6 * |rho|`` at the top of the spectrum; a ``tol`` below ``floor /
-|value|`` cannot be met, and ``converged`` is then False.
-
-What is and is not certified. The residual bound is rigorous: *an*
-eigenvalue lies within ``r`` of ``rho``. The gap bound assumes that no
-eigenvalue the Krylov space has not yet resolved lies within the gap -- every
-Krylov eigensolver assumes this; extreme eigenvalues converge first, so once
-the neighbour has converged it usually holds. It fails on clusters narrower
-than the residual: on a 120 x 120 matrix whose top four eigenvalues are
-``2 - {1e-3, 1e-4, 1e-5, 0}``, ``tol=1e-6`` stopped on a mixture of the
-cluster's vectors, 5e-4 below ``lambda_max``, in 19 of 20 starts (the
-residual bound, ~1e-3, still held); on well-separated, geometric and uniform
-spectra the bound held in all 180 converged runs we tried. Where clusters are
-possible, ask for ``criterion="vector"`` (stop on the residual) and read
-``residuals``. Last, a Ritz value is always *inside* the spectrum (``rho <=
-lambda_max``, rigorous); that the eigenvalue it approximates *is*
-``lambda_max`` assumes the start vector is not orthogonal to its eigenvector
-(probability zero from a random start).
+**The certificate** (:mod:`immunojax.spectral.certificate`): each wanted
+Ritz value gets an explicit residual, a gap bound where the gap is
+resolved, and a floor at the rounding of its arithmetic; see there for what
+is and is not certified.
 
 **Mixed precision.** Products run in the dtype of ``v0``'s leaves (a float32
 network's HVP stays float32); the basis, the reorthogonalisation and the
@@ -92,34 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from immunojax import _checks
-from immunojax.spectral import _tree_basis as tb
+from immunojax.spectral import _tree_basis as tb, certificate as cert
 from immunojax.spectral.operators import TreeMatvec
 
 PyTree = Any
 WHICH = ("top", "bottom", "both")
 CRITERIA = ("value", "vector")
 DEFAULT_BASIS = 20
-# A gap counts once the nearest other Ritz value has converged to this share
-# of its distance. 0.1 stopped ~8 steps later than 0.25 on a 1.33M-parameter
-# MLP Hessian (74 against 67 products); on 720 states of 36 random operators
-# (six spectrum families, 3..60 steps) the states 0.25 certified to 1e-6 were
-# wrong only where the top is a cluster no Krylov method resolves in time
-# (lambda_1 - lambda_2 = 1e-5: 17 states; four within 1e-3: 1) or lambda_2
-# had not appeared yet (1 state, also wrong under 0.1).
-NEIGHBOUR_FRACTION = 0.25
-# ... and once the gap is this many residuals wide: the quadratic bound is
-# then at most 1/20 of the residual one (so little is lost before), and a
-# Ritz vector still mixing two eigenvectors (4 steps on eigenvalues 2.0 and
-# 1.96: residual ~0.05, gap ~0.5, error 0.02) does not claim r^2/g = 0.0045.
-GAP_RESIDUAL_RATIO = 20.0
-# The floor on every bound, in units of (eps_p + sqrt(D) eps_b) * (|value| +
-# ||A||~): covers the few ulps a Rayleigh quotient of rounded products is
-# off; checked against dense eigvalsh on 20 random operators, float64 and
-# float32 products (tests/test_eigensolver.py). Float32 products leave no
-# room above it: 4 puts the floor at ~1e-6 relative at the top.
-ROUNDING_FACTOR = 4.0
-
-
 class Eigenpairs(NamedTuple):
   """Output of :func:`eigenpairs`.
 
@@ -192,74 +137,6 @@ def _orthogonalize(basis, w, n, before):
   # The second sweep removes little (the first left ``w`` orthogonal up to
   # rounding), so Pythagoras gives its norm without another pass over w.
   return w, jnp.sqrt(jnp.maximum(after * after - removed, 0))
-
-
-def _ritz(proj, beta, n, which):
-  """Ritz pairs of ``proj[:n, :n]`` in a static ``(m, m)`` array.
-
-  Unused rows and columns are decoupled with a diagonal pad outside the wanted
-  end (``top``/``bottom``) or at the mean diagonal (``both``); a pair is real
-  when its eigenvector lives on the first ``n`` coordinates.
-  """
-  m = proj.shape[0]
-  idx = jnp.arange(m)
-  used = idx < n
-  block = jnp.where(used[:, None] & used[None, :], proj, 0)
-  radius = jnp.max(jnp.sum(jnp.abs(block), axis=1)) + 1
-  diag = jnp.diagonal(block)
-  pad = {"top": -2 * radius, "bottom": 2 * radius,
-         "both": jnp.sum(diag) / n}[which]
-  block = block + jnp.diag(jnp.where(used, 0, pad))
-  theta, s = jnp.linalg.eigh(block)
-  real = jnp.sum(jnp.where(used[:, None], s * s, 0), axis=0) > 0.5
-  s = jnp.where(used[:, None], s, 0)   # no leakage onto stale basis rows
-  estimates = jnp.abs(beta * s[n - 1, :])
-  return theta, s, real, estimates
-
-
-def _order(theta, real, which, k):
-  """Indices of the wanted pairs (and of the next ``k + 1``-th per end)."""
-  up = jnp.argsort(jnp.where(real, theta, jnp.inf))
-  down = jnp.argsort(-jnp.where(real, theta, -jnp.inf))
-  if which == "top":
-    return down[:k], down[:k + 1]
-  if which == "bottom":
-    return up[:k], up[:k + 1]
-  return (jnp.concatenate([up[:k], down[:k]]),
-          jnp.concatenate([up[:k + 1], down[:k + 1]]))
-
-
-def _floor(values, theta, real, rounding):
-  """The rounding floor of each value's bound (see the module docstring);
-  ``rounding = eps_p + sqrt(D) eps_b``."""
-  norm = jnp.max(jnp.where(real, jnp.abs(theta), 0))
-  return ROUNDING_FACTOR * rounding * (jnp.abs(values) + norm)
-
-
-def _bounds(values, residuals, theta, others_res, real, self_idx,
-            rounding):
-  """``max(min(r, r^2/g), floor)`` with ``g = min_{j != i, real} |value_i -
-  theta_j| - r_j`` and the rounding floor of :func:`_floor`.
-
-  The gap counts as resolved only when ``g > r`` and the nearest other Ritz
-  value has itself converged to ``NEIGHBOUR_FRACTION`` of its distance: early
-  on, an eigenvalue the Krylov space has not yet seen can sit inside a gap
-  measured from unconverged Ritz values (after 4 steps on a matrix with
-  eigenvalues 2.0 and 1.96 the quadratic bound claimed 0.0045 for an error of
-  0.02; the residual bound held).
-  """
-  sep = jnp.abs(values[:, None] - theta[None, :])
-  mask = real[None, :] & (jnp.arange(theta.shape[0])[None, :]
-                          != self_idx[:, None])
-  gaps = jnp.min(jnp.where(mask, sep - others_res[None, :], jnp.inf), axis=1)
-  nearest = jnp.argmin(jnp.where(mask, sep, jnp.inf), axis=1)
-  settled = others_res[nearest] <= NEIGHBOUR_FRACTION * sep[
-      jnp.arange(values.shape[0]), nearest]
-  resolved = (jnp.isfinite(gaps) & (gaps > GAP_RESIDUAL_RATIO * residuals)
-              & settled)
-  quad = residuals ** 2 / jnp.where(resolved, gaps, 1)
-  bounds = jnp.where(resolved, jnp.minimum(residuals, quad), residuals)
-  return jnp.maximum(bounds, _floor(values, theta, real, rounding)), gaps
 
 
 def _check_config(k, which, tol, max_steps, basis_size, num_keep, check_every,
@@ -460,9 +337,9 @@ def _solve(matvec, config, v0, params):
   wanted = 2 * k if which == "both" else k
 
   def ritz_test(proj, beta, n):
-    theta, _, real, est = _ritz(proj, beta, n, which)
-    idx, _ = _order(theta, real, which, k)
-    bounds, _ = _bounds(theta[idx], est[idx], theta, est, real, idx,
+    theta, _, real, est = cert.ritz(proj, beta, n, which)
+    idx, _ = cert.order(theta, real, which, k)
+    bounds, _ = cert.value_bounds(theta[idx], est[idx], theta, est, real, idx,
                         rounding)
     ok = jnp.all((est[idx] if by_residual else bounds)
                  <= tol * jnp.abs(theta[idx]))
@@ -494,14 +371,14 @@ def _solve(matvec, config, v0, params):
                           stop=broke | bad)
 
   def restart(state):
-    theta, s, real, _ = _ritz(state.proj, state.beta, state.j, which)
+    theta, s, real, _ = cert.ritz(state.proj, state.beta, state.j, which)
     if which == "both":
       up = jnp.argsort(jnp.where(real, theta, jnp.inf))
       down = jnp.argsort(-jnp.where(real, theta, -jnp.inf))
       lo = keep // 2
       picked = jnp.concatenate([up[:lo], down[:keep - lo]])
     else:
-      picked, _ = _order(theta, real, which, keep)
+      picked, _ = cert.order(theta, real, which, keep)
     kept = tb.combine(s[:, picked], state.basis)          # leaves (keep, ...)
     basis = jax.lax.fori_loop(0, keep, lambda i, b: tb.set_row(b, i, tb.tmap(
         lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False),
@@ -541,50 +418,9 @@ def _solve(matvec, config, v0, params):
   state = jax.lax.while_loop(cond, body, init)
   linearizations = (0 if not linearize else
                     1 if iteration_dtype is None else 2)
-  return _certify(state, product(certify_op, v0, cert_dtype), which, k, tol,
-                  linearizations, by_residual, rounding, cert_dtype)
-
-
-def _certify(state, apply, which, k, tol, linearizations, by_residual,
-             rounding, cert_dtype):
-  """Explicit residuals of the wanted pairs and their next neighbours, in
-  ``cert_dtype`` (the Ritz vectors are formed in the basis dtype, then
-  every figure about them is computed in ``cert_dtype``)."""
-  theta, s, real, est = _ritz(state.proj, state.beta, state.j, which)
-  wanted_idx, near_idx = _order(theta, real, which, k)
-  ys = tb.tmap(lambda y: y.astype(cert_dtype),
-               tb.combine(s[:, near_idx], state.basis))   # leaves (q, ...)
-  ays = jax.lax.map(apply, ys)
-  per_row = lambda f: jax.vmap(f)(ys, ays)
-  norms2 = per_row(lambda y, ay: tb.dot(y, y))
-  norms2 = jnp.where(norms2 > 0, norms2, 1)   # a pad pair (too few real ones)
-  rho = per_row(lambda y, ay: tb.dot(y, ay)) / norms2
-  res = jax.vmap(lambda y, ay, r: tb.norm(tb.axpy(-r, y, ay)))(
-      ys, ays, rho) / jnp.sqrt(norms2)
-  # The explicit figures replace the Ritz estimates where we have them.
-  theta = theta.astype(cert_dtype).at[near_idx].set(rho)
-  est = est.astype(cert_dtype).at[near_idx].set(res)
-  pick = _positions(which, k)
-  values, residuals = rho[pick], res[pick]
-  bounds, gaps = _bounds(values, residuals, theta, est, real, wanted_idx,
-                         rounding)
-  converged = (jnp.all((residuals if by_residual else bounds)
-                       <= tol * jnp.abs(values))
-               & jnp.all(jnp.isfinite(values))
-               & (jnp.sum(real) >= wanted_idx.shape[0]))
-  unit = 1 / jnp.sqrt(norms2[pick])
-  vectors = tb.tmap(lambda y: y[pick] * unit.reshape((-1,) + (1,) * (y.ndim - 1)),
-                    ys)
-  matvecs = state.steps + norms2.shape[0] + linearizations
-  return Eigenpairs(values, vectors, bounds, residuals, gaps, converged,
-                    matvecs, state.restarts)
-
-
-def _positions(which, k):
-  """Rows of the ``near`` selection that are wanted pairs."""
-  if which == "both":
-    return np.concatenate([np.arange(k), k + 1 + np.arange(k)])
-  return np.arange(k)
+  return Eigenpairs(*cert.certify(
+      state, product(certify_op, v0, cert_dtype), which, k, tol,
+      linearizations, by_residual, rounding, cert_dtype))
 
 
 def top_eigenvalues(matvec: TreeMatvec, v0: PyTree, *params,
