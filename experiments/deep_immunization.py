@@ -32,8 +32,6 @@ shown with both estimators.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 from typing import Callable, Literal, NamedTuple
 
 import jax
@@ -42,8 +40,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _pretrain, _runner
+from experiments import _cli, _config, _options, _pretrain, _runner
 from immunojax import attacks, data, losses, masks, models, spectral
+from immunojax.eval import mean_std, probes, steps_to_threshold
 from immunojax.methods import cond_num
 
 PAPER = {"cond_num": 3.467, "opt_kappa": 1.527, "r_ill_only": 1.057}  # R18 / Cars
@@ -64,8 +63,11 @@ PREAMBLE = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int = 0
+class Config(_options.CondNum, _options.Probe):
+  probe_steps: int = 300
+  probe_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1,
+                                  0.3, 1.0, 3.0)
+  probe_threshold: float = 0.9
   num_seeds: int = 3
   hidden: int = 64
   pretrain_steps: int = 800
@@ -76,22 +78,16 @@ class Config:
   lambda_h: float = 1.0
   methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "cond_num",
                                  "label_kappa")
-  estimator: _config.Estimator = _config.estimator_option()
-  normalize: bool = _config.normalize_option()
   num_groups: int = 20
   group_size: int = 100
-  probe_steps: int = 300
-  probe_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1,
-                                  0.3, 1.0, 3.0)
-  probe_threshold: float = 0.9
   linesearch_steps: int = 200
 
   def __post_init__(self):
+    super().__post_init__()
     _config.require(self, positive=(
         "num_seeds", "hidden", "pretrain_steps", "immunize_steps",
-        "batch_size", "learning_rate", "num_groups", "group_size",
-        "probe_steps", "probe_lrs", "methods", "probe_threshold",
-        "linesearch_steps"), nonnegative=("lambda_p", "lambda_h"))
+        "num_groups", "group_size", "methods", "probe_threshold",
+        "linesearch_steps"))
     for name in ("probe_steps", "linesearch_steps"):
       if getattr(self, name) % 10:
         raise ValueError(f"--{name.replace('_', '-')} must be a multiple of "
@@ -105,43 +101,6 @@ class Config:
 QUICK = {"num_seeds": 2, "pretrain_steps": 300, "immunize_steps": 100,
          "methods": ("cond_num", "label_kappa"), "num_groups": 5,
          "probe_steps": 50, "probe_lrs": (0.1, 1.0), "linesearch_steps": 50}
-
-
-@functools.partial(jax.jit, static_argnames=("steps", "num_classes"))
-def line_search_probe(f_train, y_train, f_test, y_test, *, steps: int,
-                      num_classes: int):
-  """The paper's probe: exact-line-search GD on ``0.5||F W - Y||^2`` with
-  one-hot ``Y``, from ``W = 0``; ten evaluations.
-
-  Returns:
-    ``(distance_ratio, test_accuracy)``, each of length 11 (steps
-    ``0, steps/10, ..., steps``).
-  """
-  y = jax.nn.one_hot(y_train, num_classes, dtype=f_train.dtype)
-  w_star = attacks.least_squares_probe(f_train, y)
-  measure = lambda w: (jnp.sum((w - w_star) ** 2) / jnp.sum(w_star ** 2),
-                       models.accuracy(f_test @ w, y_test))
-
-  def block(w, _):
-    w = attacks.exact_line_search_gd(f_train, y, steps // 10, w0=w).w
-    return w, measure(w)
-
-  w0 = jnp.zeros_like(w_star)
-  _, (ratio, acc) = jax.lax.scan(block, w0, None, length=10)
-  r0, a0 = measure(w0)
-  return (jnp.concatenate([r0[None], ratio]),
-          jnp.concatenate([jnp.asarray(a0, acc.dtype)[None], acc]))
-
-
-def first_step_at(steps, curve, threshold):
-  hit = np.flatnonzero(np.asarray(curve) >= threshold)
-  return int(steps[hit[0]]) if hit.size else None
-
-
-def harmful_spectrum(features) -> dict:
-  e = spectral.pinv().of_features(features)
-  return {"sigma_min": float(e.sigma_min), "sigma_max": float(e.sigma_max),
-          "rank": int(e.rank), "dim": int(features.shape[1])}
 
 
 class Setup(NamedTuple):
@@ -237,13 +196,13 @@ def one_seed(cfg: Config, run: _runner.Run, su: Setup, seed: int) -> dict:
   for name, p in starts.items():
     f_tr, f_te = features(p, xh), features(p, xht)
     row = rows[name]
-    row["harmful_gram"] = harmful_spectrum(f_tr)
-    ratio, accs = map(np.asarray, line_search_probe(
+    row["harmful_gram"] = probes.gram_extremes(f_tr)
+    ratio, accs = map(np.asarray, probes.line_search_probe(
         f_tr, yh, f_te, yht, steps=cfg.linesearch_steps, num_classes=5))
     steps = np.arange(0, cfg.linesearch_steps + 1, cfg.linesearch_steps // 10)
     row["line_search"] = {"steps": steps, "distance_ratio": ratio,
                           "test_accuracy": accs,
-                          "steps_to_threshold": first_step_at(
+                          "steps_to_threshold": steps_to_threshold(
                               steps, accs, cfg.probe_threshold)}
     for opt, c in curves.items():
       m = c.metric[name]
@@ -252,18 +211,9 @@ def one_seed(cfg: Config, run: _runner.Run, su: Setup, seed: int) -> dict:
       row[f"tuned_{opt}"] = {
           "steps": c.steps[name], "test_accuracy": m[best],
           "best_learning_rate": c.attacks[best].learning_rate,
-          "steps_to_threshold": first_step_at(c.steps[name], m[best],
+          "steps_to_threshold": steps_to_threshold(c.steps[name], m[best],
                                               cfg.probe_threshold)}
   return rows
-
-
-def _mean_std(values) -> dict:
-  vals = [v for v in values if v is not None]
-  if not vals:
-    return {"mean": None, "std": None, "reached": 0, "of": len(values)}
-  a = np.asarray(vals, float)     # scalars -> floats, curves -> lists
-  return {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(),
-          "reached": len(vals), "of": len(values)}
 
 
 def aggregate(per_seed: list[dict], cfg: Config) -> tuple[dict, dict, dict]:
@@ -272,13 +222,13 @@ def aggregate(per_seed: list[dict], cfg: Config) -> tuple[dict, dict, dict]:
   methods, probe, gram = {}, {p: {} for p in PROBES}, {}
   for n in names:
     rows = [s[n] for s in per_seed]
-    entry = {"dp_accuracy": _mean_std([r["dp_accuracy"] for r in rows])}
+    entry = {"dp_accuracy": mean_std([r["dp_accuracy"] for r in rows])}
     if n != "theta0":
       for k in ("rir_theta0", "kappa_ratio_harmful", "kappa_ratio_pretrain"):
-        entry[k] = {e: _mean_std([r[k][e] for r in rows])
+        entry[k] = {e: mean_std([r[k][e] for r in rows])
                     for e in ("pinv", "official")}
       entry.update(trained_with=cfg.estimator, normalized=cfg.normalize)
-    g = {k: _mean_std([r["harmful_gram"][k] for r in rows])
+    g = {k: mean_std([r["harmful_gram"][k] for r in rows])
          for k in ("sigma_min", "sigma_max", "rank")}
     g["dim"] = rows[0]["harmful_gram"]["dim"]
     entry.update(g)
@@ -287,18 +237,18 @@ def aggregate(per_seed: list[dict], cfg: Config) -> tuple[dict, dict, dict]:
       pr = [r[p] for r in rows]
       probe[p][n] = {
           "steps": np.asarray(pr[0]["steps"]).tolist(),
-          "test_accuracy": _mean_std([np.asarray(x["test_accuracy"])
+          "test_accuracy": mean_std([np.asarray(x["test_accuracy"])
                                       for x in pr]),
-          "final_test_accuracy": _mean_std([float(x["test_accuracy"][-1])
+          "final_test_accuracy": mean_std([float(x["test_accuracy"][-1])
                                             for x in pr]),
-          "early_test_accuracy": _mean_std([float(x["test_accuracy"][1])
+          "early_test_accuracy": mean_std([float(x["test_accuracy"][1])
                                             for x in pr]),
-          "steps_to_threshold": _mean_std([x["steps_to_threshold"]
+          "steps_to_threshold": mean_std([x["steps_to_threshold"]
                                            for x in pr])}
       if p == "line_search":
-        probe[p][n]["distance_ratio"] = _mean_std(
+        probe[p][n]["distance_ratio"] = mean_std(
             [np.asarray(x["distance_ratio"]) for x in pr])
-        probe[p][n]["final_distance_ratio"] = _mean_std(
+        probe[p][n]["final_distance_ratio"] = mean_std(
             [float(x["distance_ratio"][-1]) for x in pr])
       else:
         probe[p][n]["best_learning_rate"] = [x["best_learning_rate"]
@@ -385,8 +335,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   per_seed = [one_seed(cfg, run, su, cfg.seed + s)
               for s in range(cfg.num_seeds)]
   methods, probe, gram = aggregate(per_seed, cfg)
-  (run.out / "probe_curves.json").write_text(json.dumps(
-      _runner.jsonable(probe)))
+  run.write_json("probe_curves.json", probe)
   _plot_probes(run, cfg, probe)
   seeds = f"{cfg.num_seeds} seeds"
   for m in cfg.methods:

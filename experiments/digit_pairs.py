@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _cli, _config, _digit_grid, _runner
+from experiments import _cli, _config, _digit_grid, _options, _rundir, _runner
 from immunojax import data, spectral
 from immunojax.methods import cond_num
 
@@ -63,18 +63,11 @@ PREAMBLE = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int = 0
+class Config(_options.CondNum):
   tasks: Literal["paper", "code"] = "paper"
   epochs: int = 30
-  batch_size: int = 64
-  learning_rate: float = 0.005
-  lambda_p: float = 10.0
-  lambda_h: float = 10.0
   methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "probe_ascent",
                                  "cond_num")
-  estimator: _config.Estimator = _config.estimator_option()
-  normalize: bool = _config.normalize_option()
   grid: bool = True
   grid_tasks: tuple[Tasks, ...] = ("paper", "code")
   grid_optimizers: tuple[Literal["gd", "adam"], ...] = ("gd", "adam")
@@ -92,11 +85,11 @@ class Config:
       "help": "the released code's MNIST rate"})
 
   def __post_init__(self):
+    super().__post_init__()
     _config.require(self, positive=(
-        "epochs", "batch_size", "learning_rate", "methods", "grid_tasks",
-        "grid_optimizers", "grid_rules", "grid_ratios", "grid_budgets",
-        "grid_seeds", "grid_pairs", "grid_steps", "adam_learning_rate"),
-                    nonnegative=("lambda_p", "lambda_h"))
+        "epochs", "methods", "grid_tasks", "grid_optimizers", "grid_rules",
+        "grid_ratios", "grid_budgets", "grid_seeds", "grid_pairs",
+        "grid_steps", "adam_learning_rate"))
 
 
 QUICK = {"epochs": 4, "methods": ("cond_num",),
@@ -340,7 +333,8 @@ def study_grid(cfg: Config, run: _runner.Run) -> dict:
            "adam_learning_rate": cfg.adam_learning_rate,
            "gd_learning_rate": cfg.learning_rate}
   effects = _digit_grid.main_effects(cells, GRID_FACTORS)
-  (folder / "cells.json").write_text(json.dumps(_runner.jsonable(cells)))
+  _rundir.write_atomic(folder / "cells.json",
+                       json.dumps(_runner.jsonable(cells)))
   _grid_plot(run, cfg, cells, per_pair, alignment)
   findings = _grid_findings(cfg, cells, effects, alignment, per_pair)
   for f in _grid_figures(cfg, cells):

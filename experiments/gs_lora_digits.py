@@ -33,7 +33,6 @@ every report.md):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Literal
@@ -44,9 +43,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _plots, _runner
+from experiments import _cli, _config, _options, _plots, _rundir, _runner
 from immunojax import attacks, data, lora, losses, masks, models
 from immunojax.data import continual
+from immunojax.eval import continual as continual_eval, relearning
 from immunojax.methods import gs_lora as gs
 
 Regime = Literal["ratio", "few_shot", "missing"]
@@ -64,8 +64,7 @@ PAPER = {"h_task1": 74.40, "acc_r_task1": 74.16, "acc_f_task1": 0.00,
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int = 0
+class Config(_options.Probe):
   dim: int = 64
   depth: int = 4
   heads: int = 4
@@ -111,20 +110,17 @@ class Config:
   ewc_weight: float = 10.0
   zero_rtol: float = 1e-3
   probe_shots: int = 4
-  probe_steps: int = 100
-  probe_lrs: tuple[float, ...] = (1e-3, 1e-2)
   probe_modes: tuple[Literal["full", "lora"], ...] = ("full", "lora")
-  probe_threshold: float = 0.5
 
   def __post_init__(self):
+    super().__post_init__()
     _config.require(self, positive=(
         "dim", "depth", "heads", "mlp_dim", "cosface_scale",
         "pretrain_epochs", "pretrain_lr", "first_retained", "per_task",
         "num_tasks", "regimes", "methods", "ratio", "shots", "epochs",
         "batch_size", "few_shot_batch", "lr", "min_lr", "rank", "bound",
         "beta_ratio", "beta_few_shot", "baseline_lr", "retrain_lr",
-        "zero_rtol", "probe_shots", "probe_steps", "probe_lrs",
-        "probe_modes"), nonnegative=(
+        "zero_rtol", "probe_shots", "probe_modes"), nonnegative=(
         "dropout", "margin", "weight_decay", "missing_classes", "alpha",
         "alpha_warmup_epochs", "released_alpha", "prototype_weight",
         "prototype_bound", "pull_weight", "l2_weight", "ewc_weight"))
@@ -220,7 +216,7 @@ def pretrain(cfg, run, ctx, keep, *, loop, desc):
   (indices), a checkpointed loop of epochs."""
   epoch, optimizer = ctx["pretrainer"]
   npad = len(ctx["y_train"])
-  idx = jnp.asarray(_pad(keep, npad))
+  idx = jnp.asarray(continual_eval.padded(keep, npad))
   n = jnp.asarray(len(keep), jnp.int32)
   key = jax.random.PRNGKey(cfg.seed + 11)
   state = (ctx["init"], optimizer(n).init(ctx["init"]))
@@ -237,26 +233,19 @@ def _matrices(params):
 # ------------------------------------------------------------ task runs
 def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
                 fpad: int, head_frozen, split=lambda b: b):
-  """One jitted ``run(start, x, y, task, coeffs, key)`` per (family, batch
-  size, padding): every task and variant reuses its compilation."""
-  steps_max = cfg.epochs * math.ceil(npad / bs)
-  bs_f = min(bs, fpad)   # a forget set smaller than a batch is one batch
+  """One jitted task run per (family, batch size, padding)
+  (:func:`immunojax.eval.continual.task_runner`): every task and variant
+  reuses its compilation."""
   bound = cfg.bound * cfg.cosface_scale / 64.0
 
-  @jax.jit
-  def run(start, x, y, task, coeffs, key):
-    n_r, n_f = task["n_retain"], task["n_forget"]
-    spe = (n_r + bs - 1) // bs
-    spe_f = (n_f + bs_f - 1) // bs_f
-    total = cfg.epochs * spe
-
+  def build(start, x, y, task, coeffs, spe):
     def schedule(count):
       e = jnp.minimum(count // spe, cfg.epochs)
       return cfg.min_lr + 0.5 * (coeffs["lr"] - cfg.min_lr) * (
           1 + jnp.cos(jnp.pi * e / cfg.epochs))
     opt = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
                       weight_decay=cfg.weight_decay, mask=_matrices)
-    k_init, k_r, k_f, k_step = jax.random.split(key, 4)
+    n_r, n_f = task["n_retain"], task["n_forget"]
     if family == "lora":
       both = jnp.concatenate([task["retain_idx"], task["forget_idx"]])
       w = jnp.concatenate([jnp.arange(npad) < n_r,
@@ -274,49 +263,23 @@ def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
                        prototype_weight=coeffs["prototype_weight"],
                        prototype_bound=cfg.prototype_bound,
                        pull_weight=coeffs["pull_weight"])
-    else:
-      ri = task["retain_idx"]
-      wr = (jnp.arange(ri.shape[0]) < n_r).astype(jnp.float32)
-      # EWC's Fisher, computed only when it is used (L2: all ones).
-      importance = jax.lax.cond(
-          coeffs["fisher"] > 0,
-          lambda: gs.diagonal_fisher(forward, start, x[ri], y[ri], wr),
-          lambda: jax.tree_util.tree_map(jnp.ones_like, start))
-      imm = gs.finetune_forget(forward, optimizer=opt, trainable=head_frozen,
-                               beta=coeffs["beta"], bound=bound,
-                               anchor_weight=coeffs["anchor_weight"],
-                               importance=importance)
-    state = imm.init(start, k_init)
+      return imm, lambda st: {"group_norms": gs.group_norms(st.adapters)}
+    ri = task["retain_idx"]
+    wr = (jnp.arange(ri.shape[0]) < n_r).astype(jnp.float32)
+    # EWC's Fisher, computed only when it is used (L2: all ones).
+    importance = jax.lax.cond(
+        coeffs["fisher"] > 0,
+        lambda: gs.diagonal_fisher(forward, start, x[ri], y[ri], wr),
+        lambda: jax.tree_util.tree_map(jnp.ones_like, start))
+    imm = gs.finetune_forget(forward, optimizer=opt, trainable=head_frozen,
+                             beta=coeffs["beta"], bound=bound,
+                             anchor_weight=coeffs["anchor_weight"],
+                             importance=importance)
+    return imm, lambda st: {}
 
-    def batch(t):
-      ir, wr = data.padded_batch_positions(k_r, n_r, npad, bs, t, spe)
-      jf, wf = data.padded_batch_positions(k_f, n_f, fpad, bs_f, t, spe_f)
-      ir, jf = task["retain_idx"][ir], task["forget_idx"][jf]
-      return split({"retain": (x[ir], y[ir], wr),
-                    "forget": (x[jf], y[jf], wf)})
-
-    shapes = jax.eval_shape(lambda s: imm.update(s, batch(0), k_step)[1],
-                            state)
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                   shapes)
-
-    def body(state, t):
-      return jax.lax.cond(
-          t < total,
-          lambda s: imm.update(s, batch(t), jax.random.fold_in(k_step, t)),
-          lambda s: (s, zeros), state)
-
-    state, metrics = jax.lax.scan(body, state, jnp.arange(steps_max))
-    last = (jnp.arange(steps_max) >= total - spe) & (jnp.arange(steps_max)
-                                                       < total)
-    final = jax.tree_util.tree_map(
-        lambda m: jnp.sum(jnp.where(last, m, 0.0)) / spe, metrics)
-    out = {"params": imm.params(state), "final": final}
-    if family == "lora":
-      out["group_norms"] = gs.group_norms(state.adapters)
-    return out
-
-  return run
+  return continual_eval.task_runner(build, epochs=cfg.epochs, batch_size=bs,
+                                    retain_pad=npad, forget_pad=fpad,
+                                    split=split)
 
 
 # --------------------------------------------------------------- protocol
@@ -343,13 +306,9 @@ def task_subsets(cfg, y_train, tasks, regime, missing):
   return out
 
 
-def _pad(idx, size):
-  return np.concatenate([idx, np.zeros(size - len(idx), idx.dtype)]
-                        ).astype(np.int32)
-
-
 class Evaluator:
-  """Margin-on accuracy (the released code's convention) on class sets."""
+  """Margin-on correctness (the released code's convention) on the test
+  set."""
 
   def __init__(self, forward, x_test, y_test):
     self.x, self.y = jnp.asarray(x_test), np.asarray(y_test)
@@ -361,8 +320,7 @@ class Evaluator:
         == self.y
 
   def accuracy(self, correct, classes):
-    sel = np.isin(self.y, list(classes))
-    return float(100.0 * correct[sel].mean()) if sel.any() else None
+    return continual_eval.class_accuracy(correct, self.y, classes)
 
 
 def coefficients(cfg, method, regime, t):
@@ -407,22 +365,17 @@ def run_method(cfg, run, ctx, regime, method):
     t0 = time.perf_counter()
     retain_idx, forget_idx = subsets[t]
     start = ctx["init"] if method == "retrain" else state["params"]
-    task = {"retain_idx": jnp.asarray(_pad(retain_idx, npad)),
-            "n_retain": jnp.asarray(len(retain_idx), jnp.int32),
-            "forget_idx": jnp.asarray(_pad(forget_idx, fpad)),
-            "n_forget": jnp.asarray(len(forget_idx), jnp.int32)}
+    task = continual_eval.task_indices(retain_idx, forget_idx,
+                                       retain_pad=npad, forget_pad=fpad)
     out = runner(start, x, y, task, coefficients(cfg, method, regime, t),
                  jax.random.PRNGKey(cfg.seed * 7919 + 31 * t + 5))
     params = out["params"]
     correct = ev.correct(params)
-    tk = tasks[t]
-    acc = {"acc_r": ev.accuracy(correct, tk.retain),
-           "acc_f": ev.accuracy(correct, tk.forget),
-           "acc_o": ev.accuracy(correct, tk.old) if tk.old else None}
-    if regime == "missing":
-      acc["acc_m"] = ev.accuracy(correct, ctx["missing"])
-    acc["h_mean"] = float(gs.h_mean(acc["acc_r"], acc["acc_f"],
-                                    ctx["pre"][t]["acc_f"]))
+    scores = continual_eval.task_metrics(
+        correct, ev.y, tasks[t], pretrained_acc_f=ctx["pre"][t]["acc_f"],
+        missing=ctx["missing"] if regime == "missing" else ())
+    acc = {k: v for k, v in scores._asdict().items()
+           if k != "acc_m" or regime == "missing"}
     metrics = {**acc, **{k: float(v) for k, v in out["final"].items()}}
     if "group_norms" in out:
       norms = np.asarray(out["group_norms"])
@@ -454,23 +407,22 @@ def run_method(cfg, run, ctx, regime, method):
                                            else "retrain"]
   result["wall_seconds"] = float(sum(r["wall_seconds"] for r in recs))
   run.print(f"[{regime}] {method}: H " + ", ".join(
-      _runner.fmt(h) for h in result["h_mean"]) + " | Acc_r " + ", ".join(
-      _runner.fmt(a) for a in result["acc_r"]) + " | Acc_f " + ", ".join(
-      _runner.fmt(a) for a in result["acc_f"]))
+      _rundir.fmt(h) for h in result["h_mean"]) + " | Acc_r " + ", ".join(
+      _rundir.fmt(a) for a in result["acc_r"]) + " | Acc_f " + ", ".join(
+      _rundir.fmt(a) for a in result["acc_f"]))
   return result, state["first"]
 
 
 # ------------------------------------------------------------ relearning
 def relearning_probe(cfg, run, ctx, starts):
-  """Fine-tune each start on ``probe_shots`` images of every class; the
-  metric is test accuracy on task 1's forgotten classes (margin on)."""
+  """Fine-tune each start on ``probe_shots`` images of every class
+  (:func:`immunojax.eval.relearning.relearning_probe`); the metric is test
+  accuracy on task 1's forgotten classes (margin on)."""
   forward, ev = ctx["forward"], ctx["evaluator"]
-  rng = np.random.default_rng(cfg.seed + 404)
-  y_tr = ctx["y_train"]
-  idx = np.concatenate([rng.permutation(np.flatnonzero(y_tr == c))
-                        [:cfg.probe_shots] for c in range(10)])
-  forget = list(ctx["tasks"][0].forget)
-  sel = np.isin(ev.y, forget)
+  idx = relearning.few_shot_indices(np.asarray(ctx["y_train"]),
+                                    cfg.probe_shots, classes=range(10),
+                                    seed=cfg.seed + 404)
+  sel = np.isin(ev.y, list(ctx["tasks"][0].forget))
   xt, yt = ev.x[sel], jnp.asarray(ev.y[sel])
   target = attacks.Target(
       loss_fn=lambda p, b: losses.cross_entropy(forward(p, b[0], b[1],
@@ -480,28 +432,18 @@ def relearning_probe(cfg, run, ctx, starts):
       lora_config=lora.LoraConfig(r=cfg.rank, lora_alpha=float(cfg.rank),
                                   target_modules=(
                                       r"blocks/\d+/(fc1|fc2|qkv|out)/kernel",)))
-  grid = attacks.grid(optimizers=("adam",), learning_rates=cfg.probe_lrs,
-                      batch_sizes=(min(32, len(idx)),),
-                      modes=cfg.probe_modes, steps=(cfg.probe_steps,))
-  run.print(f"relearning probe: {len(grid)} attacks x {len(starts)} starts, "
-            f"{cfg.probe_shots} shots of each class")
-  curves = attacks.run_attacks(grid, starts, target, eval_every=10,
-                               attack_map=run.grid_map())
-  summary = attacks.summarize(curves, threshold=cfg.probe_threshold,
-                              scratch=None)
-  best = {s: _runner.jsonable(np.nanmax(curves.metric[s], axis=0))
-          for s in starts}
-  (run.out / "relearning_curves.json").write_text(
-      json.dumps(_plots.curves_json(curves)))
+  run.print(f"relearning probe: {len(cfg.probe_lrs) * len(cfg.probe_modes)} "
+            f"attacks x {len(starts)} starts, {cfg.probe_shots} shots of "
+            "each class")
+  curves, result = relearning.relearning_probe(
+      starts, target, learning_rates=cfg.probe_lrs, modes=cfg.probe_modes,
+      steps=cfg.probe_steps, batch_size=min(32, len(idx)),
+      threshold=cfg.probe_threshold, attack_map=run.grid_map())
+  run.write_json("relearning_curves.json", _plots.curves_json(curves))
   _plots.attack_curves(run, curves, "relearning",
                        ylabel="task-1 forgotten classes, test accuracy",
                        title="relearning probe")
-  return {"steps": [int(s) for s in curves.steps[next(iter(starts))]],
-          "best_attack_curve": best,
-          "steps_to_threshold": {s: summary[s]["steps_to_threshold"]
-                                 for s in starts},
-          "threshold": cfg.probe_threshold,
-          "attacks": [a.label for a in grid]}
+  return result
 
 
 # ------------------------------------------------------------ experiment

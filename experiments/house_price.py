@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _cli, _config, _runner
+from experiments import _cli, _config, _options, _runner
 from immunojax import attacks, data, spectral
 from immunojax.data.house_price import NUM_TRAIN, load_house_price
 from immunojax.methods import cond_num
@@ -70,21 +70,14 @@ ESTIMATORS = (spectral.pinv(), spectral.official())
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int = 0
+class Config(_options.CondNum):
   data_dir: Optional[str] = dataclasses.field(
       default=None, metadata={"help": "folder holding the Kaggle train.csv"})
   epochs: int = 100
-  batch_size: int = 64
-  learning_rate: float = 0.005
-  lambda_p: float = 10.0
-  lambda_h: float = 10.0
   preconditioner: Literal["pinv", "ridge", "none"] = "pinv"
   precondition_side: Literal["left", "right"] = "left"
   methods: tuple[Method, ...] = ("r_ill_only", "opt_kappa", "probe_ascent",
                                  "cond_num")
-  estimator: _config.Estimator = _config.estimator_option()
-  normalize: bool = _config.normalize_option()
   lambda_sweep: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
   linesearch_steps: int = 100
   compare_rules: bool = dataclasses.field(default=True, metadata={
@@ -93,9 +86,9 @@ class Config:
                                       "probe_ascent", "cond_num")
 
   def __post_init__(self):
-    _config.require(self, positive=("epochs", "batch_size", "learning_rate",
-                                    "linesearch_steps", "methods"),
-                    nonnegative=("lambda_p", "lambda_h", "lambda_sweep"))
+    super().__post_init__()
+    _config.require(self, positive=("epochs", "linesearch_steps", "methods"),
+                    nonnegative=("lambda_sweep",))
     if self.batch_size > NUM_TRAIN:
       raise ValueError(f"--batch-size {self.batch_size} exceeds the "
                        f"{NUM_TRAIN} training items")

@@ -44,6 +44,7 @@ from experiments import _cli, _config, _pretrain, _runner
 from immunojax import attacks, data, diffusion, lora, models, modes
 from immunojax.data import prompts
 from immunojax.immunizer import supervised
+from immunojax.eval import curves as eval_curves, generative
 from immunojax.methods import imma
 
 METHODS = ("none", "max", "imma_sequential", "imma_joint", "mima",
@@ -392,22 +393,13 @@ def evaluation(cfg: Config, st: Setting, digits, prompt_rows, *, seed):
 def make_metric(st: Setting, classify, features):
   """``metric(params, ev) -> (C, 3)``: per concept the classifier accuracy
   on samples, the mean cosine of classifier features to held-out real
-  images, and the held-out denoising MSE (fixed draws)."""
-  def unit(f):
-    return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
-
-  def one(params, prompt, label, noise, ref, t, eps):
-    x = st.sample(params, prompt, noise)
-    acc = jnp.mean(jnp.argmax(classify(x), -1) == label)
-    sim = jnp.mean(unit(features(x)) @ unit(features(ref)).T)
+  images, and the held-out denoising MSE (fixed draws)
+  (:func:`immunojax.eval.generative.judge_metric`)."""
+  def heldout(params, prompt, ref, t, eps):
     toks = jnp.broadcast_to(prompt, (ref.shape[0], prompt.shape[0]))
-    held = diffusion.epsilon_loss(st.eps_fn(params, toks), ref, t, eps, st.ab)
-    return jnp.stack([acc, sim, held])
-
-  def metric(params, ev):
-    return jax.vmap(lambda *a: one(params, *a))(
-        ev["prompt"], ev["label"], ev["noise"], ev["ref"], ev["t"], ev["eps"])
-  return metric
+    return diffusion.epsilon_loss(st.eps_fn(params, toks), ref, t, eps, st.ab)
+  return generative.judge_metric(sample=st.sample, classify=classify,
+                                 features=features, heldout_loss=heldout)
 
 
 def attack_targets(cfg: Config, st: Setting, metric, mode: str):
@@ -469,14 +461,6 @@ def attack_all(cfg: Config, run: _runner.Run, st: Setting, metric, starts):
 
 
 # ------------------------------------------------------------ experiment
-def gap_ratio(wo, w):
-  """SGR per checkpoint, in %: ``(M_wo - M_w) / M_wo * 100`` (NaN where
-  ``M_wo`` is 0)."""
-  wo, w = np.asarray(wo, float), np.asarray(w, float)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return np.where(wo != 0, (wo - w) / wo * 100.0, np.nan)
-
-
 def experiment(cfg: Config, run: _runner.Run) -> dict:
   st = Setting(cfg)
   classify, features, clf_acc = classifier(cfg, run, st)
@@ -540,9 +524,9 @@ def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
             "heldout_loss_gap": np.nanmean(arr[:, :, 2] - wo[:, :, 2],
                                            axis=1).tolist(),
             "mean_sgr_feature_similarity": float(np.nanmean(
-                gap_ratio(wo[1:, :, 1], arr[1:, :, 1]))),
+                eval_curves.gap_ratio(wo[1:, :, 1], arr[1:, :, 1]))),
             "mean_sgr_concept_accuracy": float(np.nanmean(
-                gap_ratio(wo[1:, :, 0], arr[1:, :, 0]))),
+                eval_curves.gap_ratio(wo[1:, :, 0], arr[1:, :, 0]))),
             "diverged": c["diverged"][m],
             "wall_seconds": attack_wall[mode] / (2 * len(METHODS))}
     methods[m] = {"retention_accuracy": retention[m],

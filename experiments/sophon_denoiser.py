@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _pretrain, _runner
+from experiments import _cli, _config, _options, _pretrain, _runner
 from immunojax import attacks, data, losses, models
 from immunojax.data import diffusion, domains as doms
 from immunojax.methods import sophon as sp
@@ -36,32 +36,23 @@ Loss = Literal["denial_of_service", "negated_mse"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int = 0
+class Config(_options.Sophon):
   hidden: int = 256
   pretrain_epochs: int = 60
-  loss: Loss = "denial_of_service"
   loops: int = 1000
   inner_steps: int = 10
-  batch_size: int = 100
   fts_lr: float = 3e-4
   ntr_lr: float = 1e-3
   env_sgd_lr: float = 0.05
-  env_adam_lr: float = 1e-3
+  attack_lr: float = 1e-3
+  loss: Loss = "denial_of_service"
   guard_ratio: float = dataclasses.field(default=1.1, metadata={
       "help": "roll back updates whose original test MSE exceeds this "
               "multiple of the pre-trained model's"})
-  epochs: int = 20
-  attack_lr: float = 1e-3
-  attack_batch: int = 64
 
   def __post_init__(self):
-    _config.require(self, positive=(
-        "hidden", "pretrain_epochs", "loops", "inner_steps", "batch_size",
-        "fts_lr", "ntr_lr", "env_sgd_lr", "env_adam_lr", "guard_ratio",
-        "epochs", "attack_lr", "attack_batch"))
-    if self.batch_size < 2:
-      raise ValueError("--batch-size must be >= 2 (support and query)")
+    super().__post_init__()
+    _config.require(self, positive=("guard_ratio",))
 
 
 QUICK = {"pretrain_epochs": 10, "loops": 60, "epochs": 4}

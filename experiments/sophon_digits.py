@@ -19,7 +19,6 @@ batch sizes x {full, head re-initialised, head only}.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Literal
 
 import jax
@@ -28,9 +27,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _plots, _pretrain, _runner
+from experiments import _cli, _config, _options, _plots, _pretrain, _runner
 from immunojax import attacks, data, losses, models, parallel
 from immunojax.data import domains as doms
+from immunojax.eval import references
 from immunojax.methods import sophon as sp
 
 PAPER = {"scratch": 0.627, "original": 0.848, "protected": 0.152,
@@ -42,17 +42,9 @@ Mode = Literal["full", "head", "reinit_head"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int = 0
-  hidden: int = 128
-  pretrain_epochs: int = 40
+class Config(_options.Sophon):
   domains: tuple[Domain, ...] = ("noise_shift", "glyphs")
   loss: Loss = "ice_code"
-  loops: int = 2000
-  inner_steps: int = 20
-  batch_size: int = 100
-  fts_lr: float = 9e-4
-  ntr_lr: float = 1.5e-3
   clip: float = 0.5
   first_order: bool = True
   environments_per_update: int = dataclasses.field(default=1, metadata={
@@ -63,13 +55,9 @@ class Config:
   env_sgd_lr: float = dataclasses.field(default=0.1, metadata={
       "help": "simulated SGD step: the evaluated attacker's effective step "
               "(lr 0.01 / (1 - momentum 0.9))"})
-  env_adam_lr: float = 1e-3
   guard_drop: float = dataclasses.field(default=0.08, metadata={
       "help": "roll an update back when the guard-set accuracy falls more "
               "than this below the pre-trained model's"})
-  epochs: int = 20
-  attack_lr: float = 0.01
-  attack_batch: int = 64
   grid_optimizers: tuple[_config.Optimizer, ...] = (
       "sgd", "momentum", "adam", "adagrad", "adadelta", "rmsprop")
   grid_lrs: tuple[float, ...] = (1e-3, 1e-2, 5e-2)
@@ -78,17 +66,14 @@ class Config:
   grid_steps: int = 240
 
   def __post_init__(self):
+    super().__post_init__()
     _config.require(self, positive=(
-        "hidden", "pretrain_epochs", "domains", "loops", "inner_steps",
-        "batch_size", "fts_lr", "ntr_lr", "clip", "env_modes",
-        "env_optimizers", "env_sgd_lr", "env_adam_lr", "epochs", "attack_lr",
-        "attack_batch", "grid_optimizers", "grid_lrs", "grid_batches",
-        "grid_modes", "grid_steps"), nonnegative=("guard_drop",))
+        "domains", "clip", "env_modes", "env_optimizers", "grid_optimizers",
+        "grid_lrs", "grid_batches", "grid_modes", "grid_steps"),
+        nonnegative=("guard_drop",))
     if self.grid_steps % 20:
       raise ValueError(f"--grid-steps must be a multiple of 20, got "
                        f"{self.grid_steps}")
-    if self.batch_size < 2:
-      raise ValueError("--batch-size must be >= 2 (support and query)")
 
 
 QUICK = {"pretrain_epochs": 10, "loops": 100, "epochs": 4,
@@ -162,11 +147,9 @@ def target(apply, dom) -> attacks.Target:
 
 def paper_protocol(cfg, run, apply, starts, dom, epochs: int):
   """Full fine-tuning, SGD momentum 0.9, wd 1e-4, accuracy every epoch."""
-  spe = data.steps_per_epoch(len(dom.x_train), cfg.attack_batch)
-  attack = attacks.Attack("momentum_wd", cfg.attack_lr, cfg.attack_batch,
-                          "full", epochs * spe)
-  return attacks.run_attacks([attack], starts, target(apply, dom),
-                             eval_every=spe, attack_map=run.grid_map())
+  return references.paper_protocol(
+      starts, target(apply, dom), learning_rate=cfg.attack_lr,
+      batch_size=cfg.attack_batch, epochs=epochs, attack_map=run.grid_map())
 
 
 def evaluate(cfg, run, apply, starts, domain_name, dom):
@@ -181,8 +164,8 @@ def evaluate(cfg, run, apply, starts, domain_name, dom):
   gcurves = attacks.run_attacks(grid, starts, target(apply, dom),
                                 eval_every=20, attack_map=run.grid_map())
   gsum = attacks.summarize(gcurves)
-  (run.out / f"{domain_name}_grid_curves.json").write_text(
-      json.dumps(_plots.curves_json(gcurves)))
+  run.write_json(f"{domain_name}_grid_curves.json",
+                 _plots.curves_json(gcurves))
   _plots.attack_curves(run, gcurves, f"{domain_name}_grid",
                        ylabel="restricted test accuracy",
                        title=f"robustness grid on {domain_name}")
@@ -222,13 +205,12 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
     curves, gsum = evaluate(cfg, run, apply, starts, name, dom)
     per = {s: _runner.jsonable(curves.metric[s][0]) for s in starts}
     budget = str(cfg.grid_steps)
+    read = references.against_references(per, references=("scratch",))
     out["domains"][name] = {
         "curves": per, "epochs": list(range(cfg.epochs + 1)),
-        "before_finetune": {s: per[s][0] for s in starts},
-        "after_finetune": {s: per[s][-1] for s in starts},
-        "protected_at_or_below_scratch_every_epoch": bool(all(
-            p <= s + 1e-9 for p, s in zip(per["protected"][1:],
-                                          per["scratch"][1:]))),
+        "before_finetune": read["before"], "after_finetune": read["after"],
+        "protected_at_or_below_scratch_every_epoch":
+            read["at_or_below_scratch_every_epoch"],
         "grid_worst_case": {s: gsum[s]["within_budget"][budget]
                             for s in starts},
         "grid_diverged": {s: len(gsum[s]["diverged"]) for s in starts}}

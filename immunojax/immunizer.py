@@ -103,3 +103,36 @@ def supervised(loss_fn: Callable[[PyTree, Any], jax.Array],
 
   return descend(direction, optimizer, trainable=trainable,
                  axis_name=axis_name)
+
+
+def run_steps(update: Callable[[PyTree, Any, jax.Array], tuple[PyTree, dict]],
+              state: PyTree, batch_fn: Callable[[jax.Array], Any],
+              key: jax.Array, *, steps, max_steps: int
+              ) -> tuple[PyTree, dict]:
+  """``steps`` updates inside one ``lax.scan`` of static length
+  ``max_steps``, so a step count that is traced (a data set's size, an
+  epoch count) needs no new compilation.
+
+  Step ``t < steps`` is ``update(state, batch_fn(t), fold_in(key, t))``;
+  later iterations pass the state through and log zero metrics.
+
+  Args:
+    update: an :class:`Immunizer`'s ``update`` (or any of that shape).
+    batch_fn: ``t -> batch`` (e.g. padded positions into a data set).
+    steps: how many steps run (may be traced); at most ``max_steps``.
+
+  Returns:
+    ``(state, metrics)`` with metrics stacked along a leading
+    ``max_steps`` axis.
+  """
+  shapes = jax.eval_shape(lambda s: update(s, batch_fn(0), key)[1], state)
+  zeros = jax.tree_util.tree_map(lambda s: jax.numpy.zeros(s.shape, s.dtype),
+                                 shapes)
+
+  def body(state, t):
+    return jax.lax.cond(
+        t < steps,
+        lambda s: update(s, batch_fn(t), jax.random.fold_in(key, t)),
+        lambda s: (s, zeros), state)
+
+  return jax.lax.scan(body, state, jax.numpy.arange(max_steps))

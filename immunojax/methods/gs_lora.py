@@ -91,16 +91,6 @@ def zeroed(norms: jax.Array, rtol: float = 1e-3) -> jax.Array:
   return norms < rtol * jnp.max(norms)
 
 
-def h_mean(acc_retain, acc_forget, acc_forget_pretrained):
-  """GS-LoRA's H-mean: harmonic mean of ``acc_retain`` and the drop
-  ``acc_forget_pretrained - acc_forget`` (0 when either is <= 0)."""
-  drop = acc_forget_pretrained - acc_forget
-  denom = acc_retain + drop
-  return jnp.where((acc_retain > 0) & (drop > 0),
-                   2 * acc_retain * drop / jnp.where(denom > 0, denom, 1.0),
-                   0.0)
-
-
 def class_prototypes(embed: Callable[[jax.Array], jax.Array], x: jax.Array,
                      y: jax.Array, weights: jax.Array, num_classes: int
                      ) -> jax.Array:

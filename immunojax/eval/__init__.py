@@ -1,0 +1,23 @@
+"""Evaluation protocols: pure functions every experiment, the cross-defense
+table and a user's own study share.
+
+* :mod:`~immunojax.eval.curves`: the strongest attacker, steps to a
+  threshold, the gap ratio, seed statistics and the 2-sd "no difference"
+  rule.
+* :mod:`~immunojax.eval.references`: SOPHON's paper protocol, curves read
+  against scratch / original, per-attack deltas.
+* :mod:`~immunojax.eval.continual`: a forgetting task's run and its
+  Acc_r / Acc_f / Acc_o / H-mean.
+* :mod:`~immunojax.eval.relearning`: teaching removed classes back.
+* :mod:`~immunojax.eval.generative`: a frozen judge of samples.
+* :mod:`~immunojax.eval.probes`: linear probes on frozen features.
+"""
+
+from immunojax.eval import (continual, curves, generative, probes,
+                            references, relearning)
+from immunojax.eval.curves import (best_curve, differs, gap_ratio, mean_std,
+                                   steps_to_threshold)
+
+__all__ = ["best_curve", "continual", "curves", "differs", "gap_ratio",
+           "generative", "mean_std", "probes", "references", "relearning",
+           "steps_to_threshold"]

@@ -1,0 +1,203 @@
+"""immunojax.eval: every protocol against a hand computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from immunojax import attacks, immunizer
+from immunojax.data import continual as schedule
+from immunojax.eval import (continual, curves, generative, probes,
+                            references, relearning)
+
+
+# ------------------------------------------------------------------ curves
+def test_best_curve_skips_diverged_attacks_and_threshold_steps():
+  m = np.array([[0.1, 0.5, np.nan], [0.2, 0.3, 0.9], [np.nan] * 3])
+  np.testing.assert_array_equal(curves.best_curve(m), [0.2, 0.5, 0.9])
+  np.testing.assert_array_equal(curves.best_curve(m, higher_is_better=False),
+                                [0.1, 0.3, 0.9])
+  assert curves.steps_to_threshold([0, 10, 20], [0.2, 0.5, 0.9], 0.5) == 10
+  assert curves.steps_to_threshold([0, 10, 20], [0.2, np.nan, 0.4], 0.5) \
+      is None
+  assert curves.steps_to_threshold([0, 10], [3.0, 1.0], 2.0,
+                                   higher_is_better=False) == 10
+  with pytest.raises(ValueError, match="attacks, checkpoints"):
+    curves.best_curve(np.zeros(3))
+
+
+def test_gap_ratio_mean_std_and_the_two_sd_rule():
+  np.testing.assert_allclose(curves.gap_ratio([0.5, 0.0], [0.25, 0.1]),
+                             [50.0, np.nan])
+  a = curves.mean_std([0.5, 0.7, None])
+  assert a == {"mean": 0.6, "std": pytest.approx(0.1), "reached": 2, "of": 3}
+  b = curves.mean_std([0.75, 0.75])
+  assert not curves.differs(a, b)          # 0.15 apart, 2 sd = 0.2: inside
+  assert curves.differs(a, curves.mean_std([0.9, 0.9]))
+  assert curves.differs(a, curves.mean_std([None])) is None
+  m = curves.mean_std([np.array([0.0, 1.0]), np.array([2.0, 3.0])])
+  assert m["mean"] == [1.0, 2.0] and m["std"] == [1.0, 1.0]
+
+
+# -------------------------------------------------------------- continual
+@pytest.mark.parametrize("acc_r,acc_f,pre,want", [
+    (74.16, 0.00, 74.65, 74.40),     # T-PAMI T3 GS-LoRA 100-20
+    (61.74, 1.37, 73.80, 66.66),     # T3 L2* 80-20
+    (70.61, 3.10, 70.88, 69.17),     # T2 few-shot GS-LoRA++ 100-5
+    (85.00, 0.10, 87.40, 86.13)])    # T4 GS-LoRA 100-20
+def test_h_mean_matches_the_paper_tables(acc_r, acc_f, pre, want):
+  assert abs(float(continual.h_mean(acc_r, acc_f, pre)) - want) < 0.01
+
+
+def test_task_metrics_of_known_correctness():
+  task = schedule.Task(retain=(0, 1), forget=(2,), old=(3,))
+  labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4])
+  correct = np.array([1, 1, 1, 0, 0, 0, 1, 0, 1], bool)
+  m = continual.task_metrics(correct, labels, task, pretrained_acc_f=80.0,
+                             missing=(1,))
+  assert m.acc_r == 75.0 and m.acc_f == 0.0 and m.acc_o == 50.0
+  assert m.acc_m == 50.0
+  assert m.h_mean == pytest.approx(2 * 75 * 80 / 155, rel=1e-6)
+  first = schedule.Task(retain=(0,), forget=(2,), old=())
+  m = continual.task_metrics(correct, labels, first, pretrained_acc_f=0.0)
+  assert m.acc_o is None and m.acc_m is None and m.h_mean == 0.0
+  assert continual.class_accuracy(correct, labels, (7,)) is None
+
+
+def test_task_runner_equals_a_hand_written_loop():
+  """Full batches, one epoch of plain SGD on a retain loss: the runner's
+  steps, batches and last-epoch mean match a Python loop."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (24, 3))
+  y = jnp.arange(24) % 3
+  loss = lambda w, b: jnp.sum(b["retain"][2] * jnp.sum(
+      (b["retain"][0] @ w - 1.0) ** 2, -1)) / jnp.sum(b["retain"][2])
+
+  def build(start, x, y, task, coeffs, spe):
+    imm = immunizer.supervised(loss, optax.sgd(coeffs["lr"]))
+    return imm, lambda st: {}
+
+  run = continual.task_runner(build, epochs=2, batch_size=4, retain_pad=16,
+                              forget_pad=4)
+  task = continual.task_indices(np.arange(8), np.arange(8, 10),
+                                retain_pad=16, forget_pad=4)
+  w0 = jnp.zeros((3, 2))
+  key = jax.random.PRNGKey(1)
+  out = run(w0, x, y, task, {"lr": jnp.float32(0.1)}, key)
+  # The same steps by hand: 2 epochs x 2 batches of the 8 retained rows.
+  _, k_r, _, _ = jax.random.split(key, 4)
+  w, losses = w0, []
+  from immunojax.data import padded_batch_positions
+  for t in range(4):
+    pos, wt = padded_batch_positions(k_r, 8, 16, 4, t, 2)
+    idx = task["retain_idx"][pos]
+    b = {"retain": (x[idx], y[idx], wt)}
+    value, g = jax.value_and_grad(loss)(w, b)
+    w = w - 0.1 * g
+    losses.append(value)
+  np.testing.assert_allclose(out["params"], w, rtol=1e-6)
+  np.testing.assert_allclose(out["final"]["loss"], np.mean(losses[2:]),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="do not fit"):
+    continual.padded(np.arange(5), 4)
+
+
+# -------------------------------------------------------------- relearning
+def test_relearning_probe_curve_equals_a_hand_computed_attack():
+  """One SGD attacker on a linear model: the probe's best curve is the
+  accuracy after each evaluated step of plain SGD on the same batches."""
+  labels = np.array([0, 1, 2] * 6)
+  idx = relearning.few_shot_indices(labels, 2, classes=(0, 1, 2), seed=3)
+  assert sorted(labels[idx].tolist()) == [0, 0, 1, 1, 2, 2]
+  with pytest.raises(ValueError, match="fewer than"):
+    relearning.few_shot_indices(labels, 7, classes=(0,), seed=0)
+  x = jax.random.normal(jax.random.PRNGKey(0), (18, 4))
+  xt, yt = x[idx], jnp.asarray(labels[idx])
+  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      b[0] @ p["w"], b[1]).mean()
+  metric = lambda p: jnp.mean(jnp.argmax(x @ p["w"], -1) == labels)
+  target = attacks.Target(loss_fn=loss, metric_fn=metric, train_data=(xt, yt))
+  start = {"w": jnp.zeros((4, 3))}
+  _, res = relearning.relearning_probe(
+      {"removed": start}, target, learning_rates=(0.5,), optimizer="sgd",
+      steps=20, batch_size=6, threshold=0.9, eval_every=10)
+  # By hand: batch size 6 of 6 examples is the full set every step.
+  w, accs = start, [float(metric(start))]
+  for t in range(20):
+    g = jax.grad(loss)(w, (xt, yt))
+    w = {"w": w["w"] - 0.5 * g["w"]}
+    if (t + 1) % 10 == 0:
+      accs.append(float(metric(w)))
+  assert res["steps"] == [0, 10, 20]
+  np.testing.assert_allclose(res["best_attack_curve"]["removed"], accs,
+                             atol=1e-6)
+  want = curves.steps_to_threshold([0, 10, 20], accs, 0.9)
+  assert res["steps_to_threshold"]["removed"] == want
+
+
+# -------------------------------------------------------------- references
+def test_against_references_and_per_attack_deltas():
+  per = {"scratch": [0.1, 0.5, 0.7], "protected": [0.1, 0.4, 0.8],
+         "original": [0.9, 0.9, 0.95]}
+  r = references.against_references(per, references=("scratch", "original"))
+  assert r["before"]["protected"] == 0.1 and r["after"]["original"] == 0.95
+  assert not r["at_or_below_scratch_every_epoch"]          # 0.8 > 0.7
+  assert r["at_or_below_original_every_epoch"]
+  per["protected"][2] = None                               # diverged
+  assert references.against_references(per)["at_or_below_scratch_every_epoch"]
+  c = attacks.AttackCurves([], {}, {"a": np.array([[0.5, 0.7]]),
+                                    "b": np.array([[0.2, np.nan]])}, {}, {})
+  np.testing.assert_array_equal(references.per_attack_deltas(c, "a", "b"),
+                                [[0.3, np.nan]])
+
+
+def test_paper_protocol_evaluates_once_per_epoch():
+  attack, every = references.epoch_attack(
+      optimizer="sgd", learning_rate=0.1, batch_size=4, epochs=3,
+      num_train=10)
+  assert every == 2 and attack.steps == 6 and attack.mode == "full"
+  x = jax.random.normal(jax.random.PRNGKey(0), (10, 2))
+  y = jnp.arange(10) % 2
+  target = attacks.Target(
+      loss_fn=lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+          b[0] @ p, b[1]).mean(),
+      metric_fn=lambda p: jnp.mean(jnp.argmax(x @ p, -1) == y),
+      train_data=(x, y))
+  c = references.paper_protocol({"s": jnp.zeros((2, 2))}, target,
+                                learning_rate=0.1, batch_size=4, epochs=3)
+  assert c.steps["s"].tolist() == [0, 2, 4, 6]
+
+
+# -------------------------------------------------------------- generative
+def test_judge_metric_on_a_known_sampler():
+  classify = lambda im: im[:, :3]                 # logits = first 3 pixels
+  features = lambda im: im
+  sample = lambda params, prompt, noise: noise + params * prompt
+  heldout = lambda params, prompt, ref, t, eps: jnp.sum(params) + 0.0 * t[0]
+  metric = generative.judge_metric(sample=sample, classify=classify,
+                                   features=features, heldout_loss=heldout)
+  prompt = jnp.array([[1.0, 0.0, 0.0, 0.0]])
+  ev = {"prompt": prompt, "label": jnp.array([0]),
+        "noise": jnp.zeros((1, 5, 4)), "ref": jnp.ones((1, 2, 4)),
+        "t": jnp.zeros((1, 2), jnp.int32), "eps": jnp.zeros((1, 2, 4))}
+  out = metric(jnp.float32(2.0), ev)
+  assert out.shape == (1, 3)
+  # every sample is (2, 0, 0, 0): class 0, cosine to (1,1,1,1) is 1/2
+  np.testing.assert_allclose(out[0], [1.0, 0.5, 2.0], rtol=1e-6)
+  assert float(generative.sample_accuracy(classify, jnp.eye(4)[:3], 1)) \
+      == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------ probes
+def test_line_search_probe_reaches_least_squares_and_gram_extremes():
+  key = jax.random.PRNGKey(0)
+  f = jax.random.normal(key, (40, 5), jnp.float64)
+  y = jnp.argmax(f[:, :3], -1)
+  ratio, acc = probes.line_search_probe(f, y, f, y, steps=200, num_classes=3)
+  assert ratio.shape == (11,) and float(ratio[0]) == pytest.approx(1.0)
+  assert float(ratio[-1]) < 1e-3 and float(ratio[-1]) < float(ratio[1])
+  g = probes.gram_extremes(f)
+  ev = np.linalg.eigvalsh(np.asarray(f.T @ f))
+  assert g["rank"] == 5 and g["dim"] == 5
+  np.testing.assert_allclose([g["sigma_min"], g["sigma_max"]],
+                             [ev[0], ev[-1]], rtol=1e-10)
