@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from experiments import _config
-from experiments._runner import (CheckpointError, DivergedError, Run,
-                                 RunOptions, UsageError, fmt, prepare_dir,
-                                 start_devices)
+from experiments import _rundir
+from experiments._errors import CheckpointError, DivergedError, UsageError
+from experiments._rundir import RunOptions, fmt, prepare_dir, start_devices
+from experiments._runner import Run
 
 
 def parse(name: str, config_cls, quick: dict, argv=None, description=""):
@@ -134,6 +135,9 @@ def entry_point(name: str, config_cls, run_fn, *, quick: dict,
     except DivergedError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
+    finally:
+      if "options" in locals():
+        _rundir.release(options.out)    # the OS would, at exit
     run.print(f"[{name}] wrote {options.out}/summary.json")
     for f in summary["figures"]:
       run.print(f"  {f['name']}: ours {fmt(f['ours'])}  paper "

@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from experiments._errors import UsageError
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -100,7 +102,7 @@ def load_config_file(path: str | Path) -> dict:
     UsageError: missing or unreadable file, malformed JSON/YAML (with the
       line), or not a mapping.
   """
-  from experiments._runner import UsageError  # noqa: PLC0415
+
   path = Path(path)
   try:
     text = path.read_text()
@@ -132,7 +134,7 @@ def load_config_file(path: str | Path) -> dict:
 def resolve(config_cls, *, quick: bool, quick_overrides: dict,
             file_values: dict | None, cli_values: dict):
   """Builds the config; raises UsageError naming a bad or unknown option."""
-  from experiments._runner import UsageError  # noqa: PLC0415
+
   known = {f.name: tp for f, tp in _fields(config_cls)}
   values: dict[str, Any] = {}
   if quick:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments._runner import jsonable
+from experiments._rundir import jsonable
 
 
 def attack_curves(run, curves, name: str = "attack_curves", *,

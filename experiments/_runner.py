@@ -10,94 +10,23 @@ with the same ``summary.json`` as an uninterrupted one. The command line is
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import math
 import os
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from experiments import _config
+from experiments._checkpoints import Checkpoints
+from experiments._errors import DivergedError
+from experiments._rundir import (RunOptions, fingerprint, jsonable,
+                                 run_mesh, run_report, write_atomic)
 
 # Fault injection for the crash-recovery tests: SIGKILL this process right
 # after the given (1-based) step of any checkpointed loop has been saved.
 KILL_ENV = "IMMUNOJAX_FAULT_KILL_AT_STEP"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be trusted (corrupt, or from another config)."""
-
-
-class UsageError(SystemExit):
-  """A bad option or run directory: one line on stderr, exit code 2."""
-
-  def __init__(self, message: str):
-    super().__init__(2)
-    self.message = message
-
-  def __str__(self) -> str:
-    return self.message
-
-
-class DivergedError(RuntimeError):
-  """A training loop produced NaN/Inf: the run stops and says so."""
-
-
-# What a run directory of ours may hold; --overwrite deletes nothing else.
-OUR_ENTRIES = ("config.json", "metrics.jsonl", "summary.json", "report.md",
-               "checkpoints", "corrupt_checkpoints", "results")
-OUR_SUFFIXES = (".png", "_curves.json")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-  out: Path
-  resume: bool
-  overwrite: bool
-  quiet: bool
-  quick: bool
-  checkpoint_every: int
-  keep_checkpoints: int
-  fallback: bool = False
-  devices: int = 1
-  distributed: bool = False
-  compile_cache: bool = True
-
-
-def jsonable(x):
-  """JSON-able copy: arrays to lists, non-finite floats to null."""
-  import numpy as np  # noqa: PLC0415
-  if isinstance(x, dict):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if hasattr(x, "shape") and hasattr(x, "dtype"):
-    a = np.asarray(x)
-    return jsonable(a.item() if a.ndim == 0 else a.tolist())
-  if isinstance(x, float) and not math.isfinite(x):
-    return None   # JSON has no NaN/Inf; null means "no finite value"
-  return x
-
-
-class CorruptCheckpoint(CheckpointError):
-  """A checkpoint whose files cannot be read."""
-
-
-def _corrupt(loop: str, step: int, where: Path, error: Exception):
-  first = (str(error).strip().splitlines() or [""])[0][:160]
-  return CorruptCheckpoint(
-      f"checkpoint step {step} of loop {loop!r} is corrupt ({where}: "
-      f"{type(error).__name__}: {first})")
-
-
-def fingerprint(config_dict: dict) -> str:
-  blob = json.dumps(config_dict, sort_keys=True).encode()
-  return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class Run:
@@ -116,6 +45,10 @@ class Run:
     self.mesh = run_mesh(options)
     self._maps: dict = {}
     self._steps: dict = {}
+    self.checkpoints = Checkpoints(
+        self.out, fingerprint=self.fingerprint,
+        keep=options.keep_checkpoints, fallback=options.fallback,
+        print_fn=self.print)
 
   @property
   def primary(self) -> bool:
@@ -198,72 +131,6 @@ class Run:
     plt.close(fig)
     return path
 
-  # ---------------------------------------------------------- checkpoints
-  def _manager(self, loop: str):
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-    opts = ocp.CheckpointManagerOptions(
-        max_to_keep=self.options.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(
-        (self.out / "checkpoints" / loop).resolve(), options=opts)
-
-  def _restore(self, manager, step: int, template, loop: str):
-    import jax  # noqa: PLC0415
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-    where = self.out / "checkpoints" / loop / str(step)
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # noqa: BLE001 - orbax raises many types
-      raise _corrupt(loop, step, where, e) from None
-    if meta.get("fingerprint") != self.fingerprint:
-      raise CheckpointError(
-          f"checkpoint {where} was written by a run with another config "
-          f"(fingerprint {meta.get('fingerprint')} != {self.fingerprint}); "
-          "refusing to load it. Use --overwrite to start afresh")
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:  # noqa: BLE001
-      raise _corrupt(loop, step, where, e) from None
-    leaves = jax.tree_util.tree_leaves(restored)
-    want = jax.tree_util.tree_leaves(abstract)
-    for got, exp in zip(leaves, want):
-      if got.shape != exp.shape or got.dtype != exp.dtype:
-        raise CheckpointError(
-            f"checkpoint {where} holds {got.dtype}{list(got.shape)} where "
-            f"the run expects {exp.dtype}{list(exp.shape)}; refusing to load")
-    return restored, meta
-
-  def _restore_latest(self, loop: str, template):
-    """Restores the newest checkpoint of ``loop``; with ``--fallback``, a
-    corrupt one is moved to ``corrupt_checkpoints/`` (never deleted) and the
-    one before it is tried."""
-    while True:
-      manager = self._manager(loop)
-      latest = manager.latest_step()
-      if latest is None:
-        return manager, None, None
-      try:
-        state, _ = self._restore(manager, latest, template, loop)
-        return manager, state, int(latest)
-      except CorruptCheckpoint as e:
-        older = [s for s in manager.all_steps() if s < latest]
-        manager.close()
-        if not self.options.fallback:
-          hint = (f"; pass --fallback with --resume to set it aside and "
-                  f"continue from step {max(older)}" if older else
-                  "; no older checkpoint: start again with --overwrite")
-          raise CheckpointError(f"{e}{hint}") from None
-        aside = self.out / "corrupt_checkpoints" / f"{loop}-{latest}"
-        aside.parent.mkdir(exist_ok=True)
-        shutil.move(str(self.out / "checkpoints" / loop / str(latest)),
-                    str(aside))
-        self.print(f"warning: {e}; moved it to {aside} and falling back")
-      except CheckpointError:
-        manager.close()
-        raise
-
   def _drop_metrics_after(self, loop: str, step: int) -> None:
     if not self.primary or not self._metrics_path.exists():
       return
@@ -296,18 +163,12 @@ class Run:
       The final state.
     """
     import jax  # noqa: PLC0415
-    import orbax.checkpoint as ocp  # noqa: PLC0415
     start = 0
     manager = None
     if checkpoint and not self.options.resume:
-      manager = self._manager(loop)
-      if manager.latest_step() is not None:
-        manager.close()
-        raise CheckpointError(
-            f"{self.out} already holds checkpoints for loop {loop!r}; pass "
-            "--resume to continue or --overwrite to start again")
+      manager = self.checkpoints.fresh(loop)
     elif checkpoint:
-      manager, restored, latest = self._restore_latest(loop, state)
+      manager, restored, latest = self.checkpoints.restore_latest(loop, state)
       if latest is not None:
         state, start = restored, latest
         self.print(f"[{loop}] resumed from step {start}")
@@ -331,10 +192,7 @@ class Run:
                          list(shown.items())[:3]}, refresh=False)
       if manager is not None and (done % every == 0 or done == num_steps):
         _check_finite_state(loop, done, state)   # never checkpoint NaN
-        manager.save(done, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"fingerprint": self.fingerprint,
-                                    "loop": loop, "step": done})))
+        self.checkpoints.save(manager, loop, done, state)
         if kill_at and done >= kill_at:
           manager.wait_until_finished()
           os.kill(os.getpid(), signal.SIGKILL)
@@ -405,9 +263,17 @@ class Run:
     summary["figures"] = self.figures
     summary["wall_seconds"] = time.perf_counter() - self._start
     if self.primary:
-      (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-      (self.out / "report.md").write_text(run_report(summary, self.out))
+      write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+      write_atomic(self.out / "report.md", run_report(summary, self.out))
     return summary
+
+  def write_json(self, name: str, obj) -> Path:
+    """``out/name`` holding ``obj`` as JSON, written atomically (by the
+    primary process only)."""
+    path = self.out / name
+    if self.primary:
+      write_atomic(path, json.dumps(jsonable(obj)))
+    return path
 
 
 def _update_step(split, immunizer, sample, state, t, data, key):
@@ -449,193 +315,3 @@ def _check_finite_state(loop: str, step: int, state) -> None:
       raise DivergedError(
           f"loop {loop!r} diverged: its parameters hold NaN/Inf at step "
           f"{step}; {DIVERGED_HINT}")
-
-
-def fmt(v) -> str:
-  if v is None:
-    return "—"
-  if isinstance(v, float):
-    return f"{v:.4g}"
-  return str(v)
-
-
-def run_report(summary: dict, out: Path) -> str:
-  lines = [f"# {summary['experiment']}", ""]
-  preamble = summary.get("preamble")
-  if isinstance(preamble, list) and preamble:   # what is measured, what is good
-    lines += [f"> {line}  " for line in preamble] + [""]
-  lines += [f"seed {summary.get('seed')}, quick={summary.get('quick')}, "
-            f"wall {summary['wall_seconds']:.1f} s", "",
-            "The paper column holds only the paper's own figures; the note "
-            "names estimator, protocol and data.", "",
-            "| figure | ours | paper | note |", "|---|---|---|---|"]
-  for f in summary.get("figures", []):
-    lines.append(f"| {f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
-                 f"{f.get('note', '')} |")
-  targets = summary.get("targets")
-  if isinstance(targets, dict) and targets:
-    lines += ["", "## Targets", ""] + [
-        f"- {k}: {'n/a' if v is None else 'met' if v else 'MISSED'}"
-        for k, v in targets.items()]
-  if summary.get("notes"):
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
-  pngs = sorted(p.name for p in out.glob("*.png"))
-  if pngs:
-    lines += [""] + [f"![{p}]({p})" for p in pngs]
-  return "\n".join(lines) + "\n"
-
-
-def _versions() -> dict:
-  import jax  # noqa: PLC0415
-  out = {"jax": jax.__version__}
-  for mod in ("flax", "optax", "orbax.checkpoint", "numpy"):
-    try:
-      out[mod] = __import__(mod, fromlist=["_"]).__version__
-    except Exception:  # noqa: BLE001
-      out[mod] = None
-  return out
-
-
-def run_config(out: Path) -> dict | None:
-  """The ``config.json`` of a run directory of ours, or None."""
-  try:
-    saved = json.loads((out / "config.json").read_text())
-  except (OSError, ValueError):
-    return None
-  if not isinstance(saved, dict) or not {"experiment", "config",
-                                         "fingerprint"} <= set(saved):
-    return None
-  return saved
-
-
-def foreign_entries(out: Path) -> list[str]:
-  """Entries of ``out`` that a run of ours does not write."""
-  return sorted(p.name for p in out.iterdir()
-                if p.name not in OUR_ENTRIES and not (
-                    p.is_file() and p.name.endswith(OUR_SUFFIXES)))
-
-
-def _remove_run(out: Path) -> None:
-  for p in out.iterdir():           # everything here is ours (checked)
-    shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def start_devices(options: RunOptions) -> None:
-  """Before JAX starts: on CPU, asks for ``--devices`` simulated devices,
-  joins a multi-process run (``--distributed``), then checks the devices
-  are there.
-
-  Raises:
-    UsageError: the devices or the cluster settings are not there.
-  """
-  import jax  # noqa: PLC0415
-  from immunojax import parallel  # noqa: PLC0415
-  if options.devices > 1 and "xla_force_host_platform_device_count" not in \
-      os.environ.get("XLA_FLAGS", ""):
-    try:
-      jax.config.update("jax_num_cpu_devices", options.devices)
-    except RuntimeError:
-      pass     # JAX already started (an in-process call): checked below
-  if options.distributed:
-    try:
-      parallel.initialize()
-    except (ValueError, RuntimeError) as e:
-      raise UsageError(f"--distributed: {e}") from None
-  try:
-    parallel.local_mesh(options.devices)
-  except ValueError as e:
-    raise UsageError(f"--devices {options.devices}: {e}") from None
-
-
-def run_mesh(options: RunOptions):
-  """The run's device mesh: None on one device in one process."""
-  if options.devices == 1 and not options.distributed:
-    return None
-  from immunojax import parallel  # noqa: PLC0415
-  if options.distributed:
-    return parallel.global_mesh()
-  return parallel.local_mesh(options.devices)
-
-
-def prepare_dir(name: str, config, options: RunOptions) -> None:
-  """Creates (or checks, for --resume) the run directory; in a
-  multi-process run only the primary process does (the others wait).
-
-  Raises:
-    UsageError: ``--out`` is a file, cannot be created, holds something
-      that is not a run of ours (``--overwrite`` deletes only our runs),
-      nothing to resume, or a resume with other options.
-  """
-  import jax  # noqa: PLC0415
-  if jax.process_count() > 1:
-    error = None
-    if jax.process_index() == 0:
-      try:
-        _prepare_dir(name, config, options)
-      except UsageError as e:
-        error = e
-    _sync("prepare_dir")
-    if error is not None:
-      raise error
-    return
-  _prepare_dir(name, config, options)
-
-
-def _sync(tag: str) -> None:
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-  multihost_utils.sync_global_devices(f"immunojax {tag}")
-
-
-def _prepare_dir(name: str, config, options: RunOptions) -> None:
-  out = options.out
-  config_dict = _config.as_dict(config)
-  if out.exists() and not out.is_dir():
-    raise UsageError(f"--out {out} is a file, not a directory; choose "
-                     "another --out")
-  occupied = out.exists() and any(out.iterdir())
-  if options.resume:
-    if not occupied:
-      raise UsageError(f"nothing to resume: {out} "
-                       f"{'is empty' if out.exists() else 'does not exist'}; "
-                       "drop --resume to start a new run there")
-    saved = run_config(out)
-    if saved is None:
-      raise UsageError(f"cannot resume {out}: its config.json is missing or "
-                       "unreadable, so it is not a run of ours")
-    if saved.get("experiment") != name:
-      raise UsageError(f"{out} is a run of {saved.get('experiment')}, not "
-                       f"{name}; cannot resume")
-    if saved.get("config") != config_dict:
-      diff = sorted(k for k in set(saved["config"]) | set(config_dict)
-                    if saved["config"].get(k) != config_dict.get(k))
-      raise UsageError(f"cannot resume {out}: its config differs in {diff}; "
-                       "use the same options (or --overwrite)")
-    return
-  if occupied:
-    if not options.overwrite:
-      raise UsageError(f"{out} exists and is not empty; pass --resume to "
-                       "continue it or --overwrite to replace it")
-    if run_config(out) is None:
-      raise UsageError(f"refusing to --overwrite {out}: it is not a run "
-                       "directory of ours (no config.json written by an "
-                       "experiment); choose another --out")
-    foreign = foreign_entries(out)
-    if foreign:
-      raise UsageError(f"refusing to --overwrite {out}: it holds files that "
-                       f"are not ours ({', '.join(foreign[:5])}"
-                       f"{', ...' if len(foreign) > 5 else ''}); move them or "
-                       "choose another --out")
-    _remove_run(out)
-  import jax  # noqa: PLC0415
-  record = json.dumps({
-      "experiment": name, "config": config_dict,
-      "seed": config_dict.get("seed"), "quick": options.quick,
-      "fingerprint": fingerprint(config_dict), "versions": _versions(),
-      "devices": [str(d) for d in jax.devices()], "argv": sys.argv[1:],
-  }, indent=2)
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(record)
-  except OSError as e:
-    raise UsageError(f"cannot write the run directory {out}: "
-                     f"{e.strerror or e}; choose another --out") from None

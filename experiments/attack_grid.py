@@ -15,7 +15,6 @@ as one more start point.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Literal
 
 import jax.numpy as jnp
@@ -97,7 +96,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                                target, eval_every=cfg.eval_every,
                                attack_map=run.grid_map())
   summary = attacks.summarize(curves, threshold=cfg.threshold)
-  (run.out / "attack_curves.json").write_text(json.dumps(_plots.curves_json(curves)))
+  run.write_json("attack_curves.json", _plots.curves_json(curves))
   _plots.attack_curves(run, curves, ylabel="harmful test accuracy",
                        title="attacks on digits 5-9")
   budget = str(max(cfg.steps))

@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from experiments._runner import fmt
+from experiments import _rundir
+from experiments._rundir import fmt, write_atomic
 
 HEADER = "# immunojax reproduction dashboard"
 
@@ -37,6 +38,13 @@ def collect(root: Path) -> list[tuple[Path, dict]]:
 
 
 SKIPPED = "skipped.json"
+
+
+def in_progress(root: Path) -> list[Path]:
+  """Run directories below ``root`` that a live run holds (their files are
+  not final; files are replaced whole, so none is read half-written)."""
+  return sorted(p.parent for p in root.rglob(_rundir.LOCK)
+                if _rundir.is_locked(p.parent))
 
 
 def skipped(root: Path) -> list[dict]:
@@ -77,6 +85,12 @@ def render(root: Path, runs, out: Path) -> str:
           f"{fmt(f.get('paper'))} | {_cell(f.get('note', ''))} | "
           f"{s.get('seed')} | {s.get('quick')} | "
           f"{fmt(float(wall)) if isinstance(wall, (int, float)) else '—'} |")
+  live = in_progress(root)
+  if live:
+    lines += ["", "## In progress", "",
+              "Still being written by a live run; run the report again when "
+              "it ends:", ""] + [
+                  f"- `{os.path.relpath(d, out.parent)}`" for d in live]
   skips = skipped(root)
   if skips:
     lines += ["", "## Skipped", "",
@@ -120,7 +134,7 @@ def main(argv=None) -> int:
           "overwrite it (pass another --out)", file=sys.stderr)
     return 2
   runs = collect(args.results_dir)
-  out.write_text(render(args.results_dir, runs, out))
+  write_atomic(out, render(args.results_dir, runs, out))
   print(f"wrote {out} ({len(runs)} runs)")
   return 0
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from experiments import report
+from experiments._rundir import write_atomic
 
 # Grows as method issues land. (module, needs --data-dir)
 EXPERIMENTS: list[tuple[str, bool]] = [
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     if rc:
       failures.append(name)
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / report.SKIPPED).write_text(json.dumps(skips, indent=2))
+  write_atomic(args.out / report.SKIPPED, json.dumps(skips, indent=2))
   report.main([str(args.out)])
   wall = time.perf_counter() - started
   if cache is None:
