@@ -223,6 +223,40 @@ def test_mima_hypergradient_matches_finite_differences():
     np.testing.assert_allclose(ours, fd, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bound", [None, 0.5])
+def test_bounded_ascent_and_prior_on_the_released_model(bound):
+  """ascent_bound B and prior_at="released": the update is SGD on
+  -min(L(x_u; theta'), B) + L(prior; theta), written by hand; below the
+  bound the ascent term has no gradient."""
+  _, loss = toy()
+  alpha, eta = 0.3, 0.05
+  imm = imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=alpha,
+                  optimizer=optax.sgd(eta), ascent_bound=bound,
+                  prior_at="released")
+  params, batch = toy(2)[0], toy_batch(7, 1)
+
+  def objective(p):
+    low = jax.tree_util.tree_map(lambda a: a[0, 0], batch["lower"])
+    up = jax.tree_util.tree_map(lambda a: a[0], batch["upper"])
+    q = jax.tree_util.tree_map(lambda w, gw: w - alpha * gw, p,
+                               jax.grad(loss)(p, low))
+    lu = loss(q, up)
+    return -(lu if bound is None else jnp.minimum(lu, bound)) + loss(
+        p, batch["prior"])
+  got, m = first_update(imm, params, batch)
+  g = jax.grad(objective)(params)
+  assert bound is None or float(m["upper_loss"]) > bound  # clipped
+  k = got["attn2"]["to_q"]["kernel"]
+  np.testing.assert_allclose(
+      k, params["attn2"]["to_q"]["kernel"] - eta * g["attn2"]["to_q"]["kernel"],
+      rtol=1e-9, atol=1e-12)
+  if bound is not None:          # only the prior moves the parameters
+    gp = jax.grad(lambda p: loss(p, batch["prior"]))(params)
+    np.testing.assert_allclose(
+        k, params["attn2"]["to_q"]["kernel"] - eta * gp["attn2"]["to_q"][
+            "kernel"], rtol=1e-9, atol=1e-12)
+
+
 def test_alternating_persists_the_lower_level_and_releases_only_s_u():
   params, loss = toy(4)
   _, _, keys, reg = merge_problem(5, n=2, t=1, d=4, m=12)
@@ -264,6 +298,16 @@ def test_bad_options_are_named():
   with pytest.raises(ValueError, match="inner_lr"):
     imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=-1.0,
               optimizer=optax.sgd(1))
+  with pytest.raises(ValueError, match="ascent_bound"):
+    imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=0.1,
+              optimizer=optax.sgd(1), ascent_bound=0.0)
+  with pytest.raises(ValueError, match="prior_at"):
+    imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=0.1,
+              optimizer=optax.sgd(1), prior_at="theta")
+  with pytest.raises(ValueError, match="unrolled"):
+    imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=0.1,
+              optimizer=optax.sgd(1), scheme="alternating",
+              prior_at="released")
 
 
 # ------------------------------------------------ denoiser and sampler

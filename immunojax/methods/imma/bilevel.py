@@ -49,15 +49,24 @@ from immunojax.parallel.collectives import pmean
 PyTree = Any
 SCHEMES = ("unrolled", "alternating")
 Scheme = Literal["unrolled", "alternating"]
+PRIOR_AT = ("adapted", "released")
+PriorAt = Literal["adapted", "released"]
 
 
-def _upper_loss(loss_fn, params, batch, prior_weight):
-  """``-mean_n L(upper_n) + prior_weight * L(prior)`` and its parts."""
-  inst = jnp.mean(jax.vmap(lambda b: loss_fn(params, b))(batch["upper"]))
-  total = -inst
+def _upper_loss(loss_fn, params, batch, prior_weight, ascent_bound=None,
+                prior_params=None):
+  """``-mean_n L(upper_n) + prior_weight * L(prior)`` and its parts; with
+  ``ascent_bound`` B each concept's term is ``min(L_n, B)`` (the ascent
+  stops at B: ``ReLU(B - L_n) - B``). The prior is read at
+  ``prior_params`` (default ``params``)."""
+  per_concept = jax.vmap(lambda b: loss_fn(params, b))(batch["upper"])
+  inst = jnp.mean(per_concept)
+  total = -(inst if ascent_bound is None
+            else jnp.mean(jnp.minimum(per_concept, ascent_bound)))
   metrics = {"upper_loss": inst}
   if "prior" in batch:
-    prior = loss_fn(params, batch["prior"])
+    prior = loss_fn(params if prior_params is None else prior_params,
+                    batch["prior"])
     total = total + prior_weight * prior
     metrics["prior_loss"] = prior
   return total, metrics
@@ -66,6 +75,7 @@ def _upper_loss(loss_fn, params, batch, prior_weight):
 def max_ascent(loss_fn: Callable[[PyTree, Any], jax.Array], *,
                upper, optimizer: optax.GradientTransformation,
                prior_weight: float = 1.0,
+               ascent_bound: float | None = None,
                axis_name: str | None = None) -> Immunizer:
   """Direct maximisation (IMMA's ``--max`` baseline): ascend the concept
   loss on ``S^u`` with no simulated attacker. Uses ``batch["upper"]`` (and
@@ -76,16 +86,26 @@ def max_ascent(loss_fn: Callable[[PyTree, Any], jax.Array], *,
     upper: ``S^u``: a bool mask or regex pattern(s).
     optimizer: the upper optimizer (as released: clip 1.0 then AdamW).
     prior_weight: weight of the descended prior loss.
+    ascent_bound: stop ascending a concept's loss at this value (None:
+      unbounded, as released).
     axis_name: average gradients over this named axis.
   """
+  _check_bound(ascent_bound)
+
   def direction(params, batch, key):
     del key
     (_, metrics), g = jax.value_and_grad(
-        lambda p: _upper_loss(loss_fn, p, batch, prior_weight),
+        lambda p: _upper_loss(loss_fn, p, batch, prior_weight, ascent_bound),
         has_aux=True)(params)
     return g, metrics
 
   return descend(direction, optimizer, trainable=upper, axis_name=axis_name)
+
+
+def _check_bound(ascent_bound):
+  if ascent_bound is not None and not ascent_bound > 0:
+    raise ValueError(f"ascent_bound must be > 0 (or None), got "
+                     f"{ascent_bound}")
 
 
 class AlternatingState(NamedTuple):
@@ -108,8 +128,8 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
          optimizer: optax.GradientTransformation,
          inner_optimizer: optax.GradientTransformation | None = None,
          scheme: Scheme = "unrolled", first_order: bool = False,
-         prior_weight: float = 1.0, remat: bool | str = False,
-         axis_name: str | None = None,
+         prior_weight: float = 1.0, ascent_bound: float | None = None,
+         prior_at: PriorAt = "adapted", remat: bool | str = False, axis_name: str | None = None,
          concept_map: Callable = jax.vmap) -> Immunizer:
   """MIMA (or IMMA with ``merge=single()``) as an Immunizer.
 
@@ -133,6 +153,14 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
       gradients.
     prior_weight: weight of the descended prior loss (0: the paper's pure
       objective).
+    ascent_bound: ``B``: each concept's ascended loss counts up to ``B``
+      only (``ReLU(B - L) - B``), so the ascent cannot grow without bound
+      and trade the prior away (None: unbounded, as released).
+    prior_at: ``"unrolled"`` only: where the prior loss is read --
+      ``"adapted"`` (the merged, adapted model, as the paper writes the
+      objective) or ``"released"`` (the parameters being trained, the
+      model a user receives: the adapted copies cannot hide a released
+      model that lost the prior).
     remat: passed to the inner fine-tuning (``"unrolled"``).
     axis_name: every batch's rows are spread over this named axis: the
       lower level's and the upper level's gradients are averaged over it,
@@ -143,23 +171,28 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
       concepts over devices (same result).
   """
   _checks.check_choice(scheme, SCHEMES, "scheme")
+  _check_bound(ascent_bound)
+  _checks.check_choice(prior_at, PRIOR_AT, "prior_at")
   if not inner_lr >= 0:
     raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
   if scheme == "unrolled":
     return _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer,
-                     first_order, prior_weight, remat, axis_name,
-                     concept_map)
+                     first_order, prior_weight, ascent_bound, prior_at,
+                     remat, axis_name, concept_map)
   if lower.name not in ("full", "masked", "head"):
     raise ValueError(f"scheme 'alternating' moves the live parameters; lower "
                      f"mode {lower.name!r} trains separate adapters (use "
                      "scheme 'unrolled', or a masked lower level)")
+  if prior_at != "adapted":
+    raise ValueError("prior_at='released' applies to scheme 'unrolled' only "
+                     "(the alternating scheme reads it at the live model)")
   if first_order is not False or remat is not False:
     raise ValueError("first_order and remat apply to scheme 'unrolled' only "
                      "(the alternating scheme is first order)")
   return _alternating(loss_fn, merge, upper, lower, inner_lr,
                       optimizer, inner_optimizer or optax.adamw(
                           inner_lr, weight_decay=1e-2), prior_weight,
-                      axis_name, concept_map)
+                      ascent_bound, axis_name, concept_map)
 
 
 def imma(loss_fn: Callable[[PyTree, Any], jax.Array], **options
@@ -174,7 +207,8 @@ def imma(loss_fn: Callable[[PyTree, Any], jax.Array], **options
 
 
 def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
-              prior_weight, remat, axis_name, concept_map):
+              prior_weight, ascent_bound, prior_at, remat, axis_name,
+              concept_map):
   inner = optax.sgd(inner_lr)
 
   def direction(params, batch, key):
@@ -187,7 +221,9 @@ def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
                            axis_name=axis_name, check_finite=False)
       res = concept_map(adapt_one)(batch["lower"], jax.random.split(key, n))
       merged = merge.apply(p, res.params)
-      total, metrics = _upper_loss(loss_fn, merged, batch, prior_weight)
+      total, metrics = _upper_loss(
+          loss_fn, merged, batch, prior_weight, ascent_bound,
+          p if prior_at == "released" else None)
       return total, {"inner_loss": jnp.mean(res.metrics["loss"]), **metrics}
 
     (_, metrics), g = jax.value_and_grad(objective, has_aux=True)(params)
@@ -197,7 +233,8 @@ def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
 
 
 def _alternating(loss_fn, merge, upper, lower, inner_lr, optimizer,
-                 inner_optimizer, prior_weight, axis_name, concept_map):
+                 inner_optimizer, prior_weight, ascent_bound, axis_name,
+                 concept_map):
   def sets(params):
     lower_mask = lower.prepare(params, jax.random.PRNGKey(0)).mask
     if lower_mask is None:
@@ -240,7 +277,7 @@ def _alternating(loss_fn, merge, upper, lower, inner_lr, optimizer,
     (params, inner_state), inner_losses = jax.lax.scan(
         lower_step, (state.params, state.inner_state), steps_first)
     (_, metrics), g = pmean(jax.value_and_grad(
-        lambda p: _upper_loss(loss_fn, p, batch, prior_weight),
+        lambda p: _upper_loss(loss_fn, p, batch, prior_weight, ascent_bound),
         has_aux=True)(params), axis_name)
     u, upper_state = outer.update(g, state.upper_state, params)
     params = optax.apply_updates(params, u)
