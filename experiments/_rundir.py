@@ -207,6 +207,8 @@ def run_report(summary: dict, out: Path) -> str:
   for f in summary.get("figures", []):
     lines.append(f"| {f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
                  f"{f.get('note', '')} |")
+  for t in summary.get("tables") or []:      # [{"title", "markdown"}]
+    lines += ["", f"## {t['title']}", "", t["markdown"].rstrip()]
   targets = summary.get("targets")
   if isinstance(targets, dict) and targets:
     lines += ["", "## Targets", ""] + [

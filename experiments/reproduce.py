@@ -30,6 +30,7 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("sophon_denoiser", False),
     ("gs_lora_digits", False),
     ("mima_digits", False),
+    ("cross_defense", False),
 ]
 
 

@@ -10,6 +10,8 @@ suppression, IMMA's lower level, GS-LoRA's relearning probe).
 * ``full``: every parameter.
 * ``head``: only the leaves matching the head pattern(s); the rest frozen.
 * ``reinit_head``: every parameter, after re-initialising the head.
+* ``probe``: a fresh head (re-initialised) trained alone on frozen
+  features: linear probing.
 * ``lora``: LoRA adapters on the targeted kernels; the base stays frozen.
 * ``masked``: only the leaves a given mask or pattern list marks trainable.
 """
@@ -26,7 +28,7 @@ from immunojax import _checks, lora as _lora, masks
 from immunojax.finetune import FinetuneResult, finetune
 
 PyTree = Any
-MODES = ("full", "head", "reinit_head", "lora", "masked")
+MODES = ("full", "head", "reinit_head", "probe", "lora", "masked")
 
 
 class Adaptation(NamedTuple):
@@ -82,6 +84,15 @@ def reinit_head(patterns: str | Sequence[str] = ("head",)) -> AttackerMode:
   return AttackerMode("reinit_head", prepare)
 
 
+def probe(patterns: str | Sequence[str] = ("head",)) -> AttackerMode:
+  """Linear probing: re-initialise the head (as :func:`reinit_head`) and
+  train only it; the rest is frozen."""
+  def prepare(params, key):
+    mask = masks.mask_from_patterns(params, patterns)
+    return Adaptation(reinitialize(params, mask, key), mask, _identity)
+  return AttackerMode("probe", prepare)
+
+
 def lora(config: _lora.LoraConfig) -> AttackerMode:
   """Fresh LoRA adapters (B = 0) on the kernels ``config`` targets."""
   def prepare(params, key):
@@ -98,7 +109,7 @@ def from_name(name: str, *, head_patterns: str | Sequence[str] = ("head",),
 
   Args:
     name: one of :data:`MODES`.
-    head_patterns: the head, for ``head`` and ``reinit_head``.
+    head_patterns: the head, for ``head``, ``reinit_head`` and ``probe``.
     lora_config: the adapters, for ``lora`` (default ``LoraConfig()``).
     trainable: the mask or patterns, for ``masked``.
   """
@@ -109,6 +120,8 @@ def from_name(name: str, *, head_patterns: str | Sequence[str] = ("head",),
     return head(head_patterns)
   if name == "reinit_head":
     return reinit_head(head_patterns)
+  if name == "probe":
+    return probe(head_patterns)
   if name == "lora":
     return lora(lora_config or _lora.LoraConfig())
   if trainable is None:

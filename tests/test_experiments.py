@@ -274,3 +274,28 @@ def test_study_grid_helpers():
   st = _digit_grid.cell_statistics(res, 2)
   assert st["diverged_pairs"] == 1 and st["dp_accuracy"] == pytest.approx(0.9)
   assert st["pinv"]["mean_rir"] == 4.0 and st["pinv"]["pairs_strong_success"] == 1
+
+
+def test_cross_defense_quick_contract(tmp_path):
+  from experiments import cross_defense as cd
+  out = tmp_path / "cd"
+  assert cd.main(["--quick", "--out", str(out), "--quiet"]) == 0
+  s = load(out)
+  assert set(s["families"]) == {"cond_num", "sophon", "gs_lora", "imma"}
+  for r in ("U", "N", "S"):
+    assert {"utility", "harm"} <= set(s["references"][r])
+  # the references bracket the scale: N never saw the harm, U did
+  assert s["references"]["U"]["harm"] > 0.9 > s["references"]["N"]["harm"]
+  for name, d in s["defenses"].items():
+    for key in ("claim", "utility", "harm", "worst_case", "rho", "sigma",
+                "nra", "steps_to_threshold", "effort", "diverged",
+                "grid_edge", "native", "seconds"):
+      assert key in d, (name, key)
+    for b in ("10", "30"):
+      w = d["worst_case"][b]
+      assert {"value", "ci", "attack"} <= set(w)
+      assert w["value"] is None or 0 <= w["value"] <= 1
+  assert s["grid"]["attacks"] == 8 and "wall_seconds" in s
+  assert "Cross-defense table" in (out / "report.md").read_text()
+  for png in ("recovery_curves.png", "forest.png", "modes.png"):
+    assert (out / png).exists()

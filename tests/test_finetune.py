@@ -358,8 +358,8 @@ def _model_loss(p, batch):
                          - y) ** 2)
 
 
-@pytest.mark.parametrize("name", ["full", "head", "reinit_head", "lora",
-                                  "masked"])
+@pytest.mark.parametrize("name", ["full", "head", "reinit_head", "probe",
+                                  "lora", "masked"])
 def test_attacker_modes_move_what_they_say(name):
   params = _two_layer()
   mode = modes.from_name(name, head_patterns="^head/", trainable="^body/",
@@ -373,13 +373,14 @@ def test_attacker_modes_move_what_they_say(name):
   assert moved == {"full": {"body": True, "head": True},
                    "head": {"body": False, "head": True},
                    "reinit_head": {"body": True, "head": True},
+                   "probe": {"body": False, "head": True},
                    "lora": {"body": True, "head": False},
                    "masked": {"body": True, "head": False}}[name]
   assert res.evals.shape == (3,)
   a = mode.prepare(params, jax.random.PRNGKey(1))
   np.testing.assert_allclose(res.evals[0], _model_loss(
       a.to_model(a.trainable), (data()[0][0], data()[1][0])), rtol=1e-12)
-  if name == "reinit_head":      # a fresh head: normal / sqrt(fan-in)
+  if name in ("reinit_head", "probe"):   # a fresh head: N(0, 1 / fan-in)
     assert not np.allclose(a.trainable["head"]["kernel"],
                            params["head"]["kernel"])
   with pytest.raises(ValueError, match="unknown mode"):

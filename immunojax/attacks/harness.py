@@ -22,7 +22,7 @@ from immunojax import _checks, lora, modes, optimizers as _optimizers
 from immunojax.data import batch_indices, take
 
 PyTree = Any
-MODES = ("full", "head", "reinit_head", "lora")   # the ones a grid names
+MODES = ("full", "head", "reinit_head", "probe", "lora")   # a grid names
 
 
 class Attack(NamedTuple):
