@@ -201,3 +201,49 @@ def test_line_search_probe_reaches_least_squares_and_gram_extremes():
   assert g["rank"] == 5 and g["dim"] == 5
   np.testing.assert_allclose([g["sigma_min"], g["sigma_max"]],
                              [ev[0], ev[-1]], rtol=1e-10)
+
+
+# ------------------------------------------------------ SOPHON calibration
+def test_calibrate_takes_the_largest_rate_that_keeps_the_margin():
+  rates = [1e-3, 3e-3, 1e-2]
+  got = references.calibrate(rates, [0.38, 0.67, 0.87],
+                                [0.75, 0.83, 0.85])
+  assert got["attack_lr"] == 3e-3 and got["met"]
+  assert (got["scratch"], got["original"]) == (0.67, 0.83)
+  # no rate keeps it: the largest gap, flagged
+  got = references.calibrate(rates, [0.7, 0.8, 0.9], [0.75, 0.82, 0.9])
+  assert got["attack_lr"] == 1e-3 and not got["met"]
+  with pytest.raises(ValueError, match="equal-length"):
+    references.calibrate(rates, [0.1], [0.2])
+
+
+def _starts(rng, seeds=3, n=4, e=3):
+  base = rng.uniform(0.2, 0.4, (seeds, n, e))
+  original = base + np.array([0.3, 0.3, 0.0, 0.3])[None, :, None]
+  protected = base + np.array([-0.1, 0.2, 0.0, 0.05])[None, :, None]
+  return {"scratch": base, "original": original, "protected": protected}
+
+
+def test_deltas_vs_scratch_reads_every_attack_and_selects_on_validation():
+  rng = np.random.default_rng(0)
+  val, test = _starts(rng), _starts(rng)
+  labels = ["a", "b", "c", "d"]
+  got = references.deltas_vs_scratch(val, test, [0, 10, 20], [10, 20],
+                                        labels)
+  assert got["no_transfer"] == ["c"]           # original == scratch
+  np.testing.assert_allclose(
+      got["attacks"]["a"]["delta_protected"]["20"]["mean"], -0.1)
+  np.testing.assert_allclose(
+      got["attacks"]["b"]["delta_transfer"]["10"]["mean"], 0.3)
+  assert got["worst_case_transferring"]["attack"] == "b"
+  # poisoning the test split (attack d looks worst there) changes no choice
+  poisoned = {k: v.copy() for k, v in test.items()}
+  poisoned["protected"][:, 3] = 1.0
+  again = references.deltas_vs_scratch(val, poisoned, [0, 10, 20],
+                                          [10, 20], labels)
+  assert again["worst_case_transferring"]["attack"] == "b"
+  assert again["no_transfer"] == ["c"]
+  with pytest.raises(ValueError, match="not checkpoints"):
+    references.deltas_vs_scratch(val, test, [0, 10, 20], [15], labels)
+  with pytest.raises(ValueError, match="labels"):
+    references.deltas_vs_scratch(val, test, [0, 10, 20], [10], labels[:2])

@@ -55,10 +55,10 @@ def test_attack_grid_full(tmp_path):
 
 def test_sophon_digits_full(tmp_path):
   s = _run("sophon_digits", tmp_path)
-  assert s["original_accuracy"]["original"] - \
-      s["original_accuracy"]["protected"] <= 0.03
-  for d in s["domains"].values():
-    assert d["protected_at_or_below_scratch_every_epoch"]
+  assert s["calibration"]["met"]          # the references differ
+  assert s["original_accuracy"]["original"]["mean"] - \
+      s["original_accuracy"]["protected"]["mean"] <= 0.03
+  assert s["worst_case_transferring"] is not None
 
 
 def test_gs_lora_digits_full(tmp_path):
