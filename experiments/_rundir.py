@@ -194,19 +194,29 @@ def _versions() -> dict:
   return out
 
 
+SMOKE_BANNER = ("**Smoke size (`--quick`): the pipeline runs, the numbers "
+                "mean nothing.** No paper figure stands beside them; run the "
+                "full size for figures to compare.")
+
+
 def run_report(summary: dict, out: Path) -> str:
   lines = [f"# {summary['experiment']}", ""]
   preamble = summary.get("preamble")
   if isinstance(preamble, list) and preamble:   # what is measured, what is good
     lines += [f"> {line}  " for line in preamble] + [""]
   lines += [f"seed {summary.get('seed')}, quick={summary.get('quick')}, "
-            f"wall {summary['wall_seconds']:.1f} s", "",
-            "The paper column holds only the paper's own figures; the note "
-            "names estimator, protocol and data.", "",
-            "| figure | ours | paper | note |", "|---|---|---|---|"]
-  for f in summary.get("figures", []):
-    lines.append(f"| {f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
-                 f"{f.get('note', '')} |")
+            f"wall {summary['wall_seconds']:.1f} s", ""]
+  if summary.get("quick"):      # smoke size: no paper figure beside it
+    lines += [SMOKE_BANNER, "", "| figure | ours (smoke) | note |",
+              "|---|---|---|"]
+    lines += [f"| {f['name']} | {fmt(f['ours'])} | {f.get('note', '')} |"
+              for f in summary.get("figures", [])]
+  else:
+    lines += ["The paper column holds only the paper's own figures; the "
+              "note names estimator, protocol and data.", "",
+              "| figure | ours | paper | note |", "|---|---|---|---|"]
+    lines += [f"| {f['name']} | {fmt(f['ours'])} | {fmt(f['paper'])} | "
+              f"{f.get('note', '')} |" for f in summary.get("figures", [])]
   for t in summary.get("tables") or []:      # [{"title", "markdown"}]
     lines += ["", f"## {t['title']}", "", t["markdown"].rstrip()]
   targets = summary.get("targets")

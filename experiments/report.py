@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from experiments import _rundir
-from experiments._rundir import fmt, write_atomic
+from experiments._rundir import SMOKE_BANNER, fmt, write_atomic
 
 HEADER = "# immunojax reproduction dashboard"
 
@@ -66,7 +66,9 @@ def _cell(text) -> str:
 
 
 def render(root: Path, runs, out: Path) -> str:
-  lines = [HEADER, "",
+  smoke = [SMOKE_BANNER, ""] if any(s.get("quick") for _, s in runs) \
+      else []
+  lines = [HEADER, "", *smoke,
            f"{len(runs)} run(s) found below `{root}`. The paper column holds "
            "only the papers' own figures; the note names the estimator, "
            "protocol and data behind each figure.", "",
@@ -79,10 +81,12 @@ def render(root: Path, runs, out: Path) -> str:
         or [{"name": "— (no figures recorded)"}]
     wall = s.get("wall_seconds")
     for f in figures:
+      paper = ("— (smoke size)" if s.get("quick")
+               else fmt(f.get("paper")))
       lines.append(
           f"| {s.get('experiment', '?')} | [{run_dir.name}]({rel}/report.md) | "
           f"{_cell(f.get('name', '?'))} | {fmt(f.get('ours'))} | "
-          f"{fmt(f.get('paper'))} | {_cell(f.get('note', ''))} | "
+          f"{paper} | {_cell(f.get('note', ''))} | "
           f"{s.get('seed')} | {s.get('quick')} | "
           f"{fmt(float(wall)) if isinstance(wall, (int, float)) else '—'} |")
   live = in_progress(root)

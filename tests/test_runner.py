@@ -202,6 +202,24 @@ def test_dashboard_keeps_notes_and_lists_skipped_experiments(tmp_path):
   assert "`python -m experiments.house_price --data-dir D`" in text
 
 
+@pytest.mark.parametrize("quick", [True, False])
+def test_a_quick_run_never_stands_beside_a_paper_figure(tmp_path, quick):
+  from experiments import _rundir
+  summary = {"experiment": "x", "seed": 0, "quick": quick,
+             "wall_seconds": 1.0,
+             "figures": [{"name": "acc", "ours": 0.5, "paper": 0.987,
+                          "note": "n"}]}
+  run = tmp_path / "r"
+  run.mkdir()
+  (run / "summary.json").write_text(json.dumps(summary))
+  own = _rundir.run_report(summary, run)
+  assert report.main([str(tmp_path)]) == 0
+  dash = (tmp_path / "README.md").read_text()
+  for text in (own, dash):
+    assert ("0.987" not in text) is quick
+    assert ("Smoke size" in text) is quick
+
+
 def test_optimizers_option_takes_names_and_import_paths(capsys):
   from experiments import attack_grid
   cfg, _ = parse("attack_grid", attack_grid.Config, attack_grid.QUICK,
