@@ -243,3 +243,24 @@ def test_stops_within_a_fifth_of_the_first_step_that_certifies(tol):
   for s in range(max(2, early - 2), early + 1):
     before = run(a, v0, s, 1e-300)          # exactly s steps, then certify
     assert float(before.relative_bounds[0]) > tol, (s, steps)
+
+
+@pytest.mark.parametrize("precision, want", [("highest", "HIGHEST"),
+                                             (None, None)])
+def test_products_are_traced_at_the_certificates_precision(precision, want):
+  """float32 products must mean IEEE float32 on every backend (TF32 on
+  NVIDIA GPUs is not the operator the certificate bounds): every dot of
+  the traced solver carries the requested precision."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (6, 6), jnp.float32)
+  a = a @ a.T
+  v0 = jnp.ones((6,), jnp.float32)
+  from immunojax.spectral import eigensolver
+  text = str(jax.make_jaxpr(lambda v: eigensolver.top_eigenvalues(
+      lambda x: a @ x, v, tol=1e-4, max_steps=6,
+      precision=precision).values)(v0))
+  dots = text.count("dot_general[")
+  highest = text.count("precision=(Precision.HIGHEST, Precision.HIGHEST)")
+  assert dots > 0
+  assert highest == (dots if want else 0), (dots, highest)
+  with pytest.raises(ValueError, match="precision"):
+    eigensolver.top_eigenvalues(lambda x: a @ x, v0, precision="tf32")
