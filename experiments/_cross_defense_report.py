@@ -20,7 +20,8 @@ PREAMBLE = [
     "for the defender.",
     "The verdict reads rho's interval at the short budget and nra's (≈ "
     "undefended: contains 1; ≈ never trained: contains 0; beyond data "
-    "filtering: below 0; worse than undefended: above 1; else between). The attacker "
+    "filtering: below 0; worse than undefended: above 1; else between). "
+    "The attacker "
     "teaches digits 1, 3, 7 back into a 10-way classifier: each data size "
     "holds as many examples of each benign digit as of each harmful one.",
     "Every defense's knob was set for matched utility (benign validation "
@@ -65,13 +66,14 @@ def markdown(cfg, out) -> str:
 
   def line(name, rec, claim, seconds, native, verdict_):
     w = rec["worst_case"]
+    claim_w = (rec.get("in_claim") or {}).get("worst_case", {})
     steps = rec["steps_to_threshold"]
     nat = "; ".join(f"{k} {fmt(v)}" for k, v in (native or {}).items()
                     if not isinstance(v, str))
     lines.append(
         f"| {name} | {claim} | {rec['utility']:.3f} | {rec['harm']:.3f} | "
         f"{_interval(w[str(b_lo)])} | "
-        f"{_interval((rec.get('in_claim') or {}).get('worst_case', {}).get(str(b_lo)))} | "
+        f"{_interval(claim_w.get(str(b_lo)))} | "
         f"{_interval(w[str(b)])} "
         f"({w[str(b)].get('attack') or '—'}) | "
         f"{fmt(w[str(b)].get('upper_bound'))} | "
@@ -113,7 +115,8 @@ def sentences(cfg, out) -> list[str]:
     w = rec["worst_case"][str(b)]["value"]
     matched = rec["knob"]["utility_matched"]
     text = (f"{n} ({rec['family']}; {rec['knob']['knob']} "
-            f"{rec['knob']['value']:g}{'' if matched else ', utility NOT matched'}): "
+            f"{rec['knob']['value']:g}"
+            f"{'' if matched else ', utility NOT matched'}): "
             f"worst case {fmt(w)} within {b} steps, rho({b_lo}) "
             f"{_interval(rec['rho'][str(b_lo)])}, rho({b}) "
             f"{_interval(rec['rho'][str(b)])}, nra "

@@ -129,7 +129,8 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
          inner_optimizer: optax.GradientTransformation | None = None,
          scheme: Scheme = "unrolled", first_order: bool = False,
          prior_weight: float = 1.0, ascent_bound: float | None = None,
-         prior_at: PriorAt = "adapted", remat: bool | str = False, axis_name: str | None = None,
+         prior_at: PriorAt = "adapted", remat: bool | str = False,
+         axis_name: str | None = None,
          concept_map: Callable = jax.vmap) -> Immunizer:
   """MIMA (or IMMA with ``merge=single()``) as an Immunizer.
 
