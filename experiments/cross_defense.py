@@ -35,7 +35,7 @@ from flax import nnx
 
 from experiments import (_cli, _config, _cross_defense_report, _options,
                          _pretrain, _runner)
-from immunojax import attacks, eval as ev, lora, models
+from immunojax import attacks, eval as ev, lora, losses, models
 from immunojax.bench import defenses as bd, metrics, table as bt
 from immunojax.data import load_digits
 from immunojax.methods import cond_num
@@ -126,21 +126,21 @@ def attack_sets(cfg: Config, pool, benign):
   on harmful data alone the model collapses to a 3-way task that even a
   random initialisation learns in ten steps)."""
   rng = np.random.default_rng(cfg.seed + 7)
+  n_h = int(np.sum(np.asarray(pool[1]) == cfg.harmful[0]))
+  k = {"4shot": 4, "10pct": max(1, round(0.1 * n_h)), "100pct": n_h}
+  sources = [(pool, cfg.harmful)]
+  if cfg.attack_benign:
+    sources.append((benign, tuple(c for c in range(10)
+                                  if c not in cfg.harmful)))
   out = {}
   for size in cfg.sizes:
     xs, ys = [], []
-    for (x, y), classes in ((pool, cfg.harmful), (benign, tuple(
-        c for c in range(10) if c not in cfg.harmful))):
-      if classes != cfg.harmful and not cfg.attack_benign:
-        continue
+    for (x, y), classes in sources:
       x, y = np.asarray(x), np.asarray(y)
       for c in classes:
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n_h = int(np.sum(np.asarray(pool[1]) == cfg.harmful[0]))
-        k = {"4shot": 4, "10pct": max(1, round(0.1 * n_h)),
-             "100pct": n_h}[size]
-        xs.append(x[idx[:k]])
-        ys.append(y[idx[:k]])
+        idx = rng.permutation(np.flatnonzero(y == c))[:k[size]]
+        xs.append(x[idx])
+        ys.append(y[idx])
     out[size] = (jnp.asarray(np.concatenate(xs)),
                  jnp.asarray(np.concatenate(ys)))
   return out
@@ -172,7 +172,6 @@ def targets(cfg: Config, apply, d, sets):
 
 
 def _ce(apply, p, b):
-  from immunojax import losses  # noqa: PLC0415
   return losses.cross_entropy(apply(p, b[0]), b[1])
 
 
