@@ -96,6 +96,50 @@ def bounded_forget(forget_ce: jax.Array, bound: float) -> jax.Array:
   return jax.nn.relu(bound - forget_ce)
 
 
+FORGET_OBJECTIVES = ("bounded", "orthogonal", "runner_up", "collapse")
+
+
+def orthogonal_forget_values(logits: jax.Array, scale=1.0) -> jax.Array:
+  """``(batch,)`` mean over classes of ``(z_c / scale)^2``: zero when the
+  embedding is orthogonal to every head row. ``logits`` are margin-free; on a
+  cosine head ``s cos`` with ``scale = s`` this is the mean squared cosine
+  (the geometry of a class the head never learned, not its antipode)."""
+  return jnp.mean(jnp.square(logits / scale), axis=-1)
+
+
+def runner_up_cross_entropy_values(logits: jax.Array,
+                                   teacher_logits: jax.Array,
+                                   labels: jax.Array) -> jax.Array:
+  """``(batch,)`` cross-entropy of ``logits`` against the teacher's
+  prediction with each example's own class removed: ``softmax`` of
+  ``teacher_logits`` with the label's entry at ``-inf`` (no gradient through
+  the teacher). The forgotten images are taught what the original model
+  would have said had their class not existed: a model-free stand-in for a
+  model that never saw it."""
+  own = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  q = jax.nn.softmax(jnp.where(own, -jnp.inf,
+                               jax.lax.stop_gradient(teacher_logits)), axis=-1)
+  return -jnp.sum(q * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def runner_up_collapse_values(embedding: jax.Array, teacher_logits: jax.Array,
+                              labels: jax.Array, prototypes: jax.Array
+                              ) -> jax.Array:
+  """``(batch,)`` ``1 - cos(emb, p_c)`` with ``c`` the teacher's best class
+  other than the label and ``p_c`` its prototype (class-mean feature): each
+  forgotten example's features are pulled onto the centre of the retained
+  class it most resembles, where no linear head can tell it apart (the
+  features of a class a model never saw are mixed with others'; a head
+  trained on a few shots cannot separate them)."""
+  own = jax.nn.one_hot(labels, teacher_logits.shape[-1], dtype=bool)
+  c = jnp.argmax(jnp.where(own, -jnp.inf,
+                           jax.lax.stop_gradient(teacher_logits)), axis=-1)
+  unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True),
+                                   1e-12)
+  target = jax.lax.stop_gradient(unit(prototypes[c]))
+  return 1.0 - jnp.sum(unit(embedding) * target, axis=-1)
+
+
 def prototype_kl(embedding: jax.Array, labels: jax.Array,
                  prototypes: jax.Array, weights: jax.Array | None = None
                  ) -> jax.Array:

@@ -65,6 +65,100 @@ def test_bounded_forget_switches_off_above_the_bound():
   assert float(grad(110.0)) == 0.0
 
 
+def test_orthogonal_forget_is_the_mean_squared_cosine():
+  rng = np.random.default_rng(1)
+  emb, head = rng.normal(size=(3, 6)), rng.normal(size=(4, 6))
+  cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (
+      head / np.linalg.norm(head, axis=1, keepdims=True)).T
+  logits = models.cosface_logits(jnp.asarray(emb), jnp.asarray(head),
+                                 scale=64.0)
+  np.testing.assert_allclose(losses.orthogonal_forget_values(logits, 64.0),
+                             np.mean(cos ** 2, axis=1), rtol=1e-5)
+  # zero exactly when the embedding is orthogonal to every head row
+  head = jnp.eye(6)[:4]
+  orth = models.cosface_logits(jnp.eye(6)[4:], head, scale=64.0)
+  np.testing.assert_array_equal(losses.orthogonal_forget_values(orth, 64.0),
+                                0.0)
+
+
+def test_runner_up_ce_teaches_the_prediction_without_the_true_class():
+  logits = jnp.array([[0.3, -1.0, 2.0, 0.5], [1.0, 0.0, 0.0, -2.0]])
+  teacher = jnp.array([[5.0, 1.0, 0.0, 3.0], [0.0, 4.0, 1.0, 1.0]])
+  labels = jnp.array([0, 1])
+  values = losses.runner_up_cross_entropy_values(logits, teacher, labels)
+  for i in range(2):
+    t = np.array(teacher[i], float)
+    t[int(labels[i])] = -np.inf
+    q = np.exp(t - t.max())
+    q /= q.sum()
+    lp = np.array(logits[i]) - np.log(np.sum(np.exp(logits[i])))
+    assert q[int(labels[i])] == 0.0
+    np.testing.assert_allclose(values[i], -np.sum(q * lp), rtol=1e-5)
+  g = jax.grad(lambda t: losses.runner_up_cross_entropy_values(
+      logits, t, labels).sum())(teacher)
+  np.testing.assert_array_equal(g, 0.0)      # the teacher is a constant
+
+
+@pytest.mark.parametrize("forget", ["orthogonal", "runner_up", "collapse"])
+def test_forget_objectives_move_the_forget_set_where_they_aim(forget):
+  fwd, params = toy()
+  cfg = lora.LoraConfig(r=2, lora_alpha=1.0, target_modules=FFN)
+  batch = _batch()
+  xf, yf, _ = batch["forget"]
+  xr, yr, wr = batch["retain"]
+  protos = gs.class_prototypes(lambda v: fwd(params, v, None, None)[1],
+                               jnp.concatenate([xr, xf]),
+                               jnp.concatenate([yr, yf]),
+                               jnp.ones(2 * len(yr)), 4)
+
+  def train(beta):
+    imm = gs.gs_lora(fwd, lora_config=cfg, optimizer=optax.adam(3e-2),
+                     alpha=0.0, beta=beta, forget=forget, logit_scale=64.0,
+                     prototypes=protos)
+    state = imm.init(params, jax.random.PRNGKey(0))
+    update = jax.jit(imm.update)
+    for t in range(60):
+      state, m = update(state, batch, jax.random.PRNGKey(t))
+    return imm.params(state), float(m["forget_term"])
+
+  weight = 100.0 if forget == "orthogonal" else 1.0
+  (p_on, on), (_, off) = train(weight), train(0.0)
+  assert on < 0.5 * off           # the term does what retain CE alone won't
+  logits = fwd(p_on, xf, None, None)[0]
+  if forget == "runner_up":      # the teacher's best class but the true one
+    teacher = fwd(params, xf, None, None)[0]
+    runner_up = jnp.argmax(jnp.where(jax.nn.one_hot(yf, 4, dtype=bool),
+                                     -jnp.inf, teacher), -1)
+    assert float(jnp.mean(jnp.argmax(logits, -1) == runner_up)) >= 5 / 6
+  elif forget == "orthogonal":
+    assert float(jnp.max(jnp.abs(logits / 64.0))) < 0.3
+
+
+def test_collapse_values_by_hand_and_prototypes_required():
+  emb = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  teacher = jnp.array([[9.0, 1.0, 3.0], [0.0, 5.0, 4.0]])
+  protos = jnp.array([[1.0, 1.0], [0.0, -3.0], [2.0, 0.0]])
+  v = losses.runner_up_collapse_values(emb, teacher, jnp.array([0, 1]),
+                                       protos)
+  # example 0: runner-up class 2 (cos 1 -> 0); example 1: class 2 (cos 0 -> 1)
+  np.testing.assert_allclose(v, [0.0, 1.0], atol=1e-6)
+  fwd, _ = toy()
+  with pytest.raises(ValueError, match="prototypes"):
+    gs.gs_lora(fwd, lora_config=lora.LoraConfig(r=2, target_modules=FFN),
+               optimizer=optax.sgd(1.0), forget="collapse")
+
+
+def test_unknown_forget_objective_is_named():
+  fwd, params = toy()
+  cfg = lora.LoraConfig(r=2, target_modules=FFN)
+  with pytest.raises(ValueError, match="forget.*antipode|antipode"):
+    gs.gs_lora(fwd, lora_config=cfg, optimizer=optax.sgd(1.0),
+               forget="antipode")
+  with pytest.raises(ValueError, match="antipode"):
+    gs.finetune_forget(fwd, optimizer=optax.sgd(1.0), trainable=params,
+                       forget="antipode")
+
+
 def test_prototype_kl_matches_kl_div_batchmean():
   rng = np.random.default_rng(0)
   emb, protos = rng.normal(size=(3, 5)), rng.normal(size=(4, 5))

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from immunojax import lora as _lora, losses, masks
+from immunojax import _checks, lora as _lora, losses, masks
 from immunojax.immunizer import Immunizer
 from immunojax.parallel.collectives import pmean, weighted_mean
 
@@ -102,18 +102,35 @@ def class_prototypes(embed: Callable[[jax.Array], jax.Array], x: jax.Array,
   return (onehot.T @ emb) / jnp.maximum(counts, 1.0)[:, None]
 
 
-def _data_loss(forward: Forward, params, batch, key, beta, bound, axis_name):
+def _data_loss(forward: Forward, params, batch, key, beta, bound, axis_name,
+               forget="bounded", teacher=None, logit_scale=1.0,
+               prototypes=None):
   (xr, yr, wr), (xf, yf, wf) = batch["retain"], batch["forget"]
   kr, kf = jax.random.split(key)
   logits_r, emb_r = forward(params, xr, yr, kr)
-  logits_f, emb_f = forward(params, xf, yf, kf)
   ce = optax.softmax_cross_entropy_with_integer_labels
   # Global weighted means (over every device's rows under axis_name) before
   # the bounded forget's ReLU, which does not split over examples.
   ce_r = weighted_mean(ce(logits_r, yr), wr, axis_name)
-  ce_f = weighted_mean(ce(logits_f, yf), wf, axis_name)
-  value = ce_r + beta * losses.bounded_forget(ce_f, bound)
-  return value, (emb_r, emb_f, {"retain_ce": ce_r, "forget_ce": ce_f})
+  if forget == "bounded":     # as released: the CE with the margin on
+    logits_f, emb_f = forward(params, xf, yf, kf)
+    ce_f = weighted_mean(ce(logits_f, yf), wf, axis_name)
+    term = losses.bounded_forget(ce_f, bound)
+  else:                       # margin-free logits
+    logits_f, emb_f = forward(params, xf, None, kf)
+    ce_f = weighted_mean(ce(logits_f, yf), wf, axis_name)
+    if forget == "orthogonal":
+      values = losses.orthogonal_forget_values(logits_f, logit_scale)
+    elif forget == "runner_up":
+      values = losses.runner_up_cross_entropy_values(
+          logits_f, forward(teacher, xf, None, None)[0], yf)
+    else:
+      values = losses.runner_up_collapse_values(
+          emb_f, forward(teacher, xf, None, None)[0], yf, prototypes)
+    term = weighted_mean(values, wf, axis_name)
+  value = ce_r + beta * term
+  return value, (emb_r, emb_f, {"retain_ce": ce_r, "forget_ce": ce_f,
+                                "forget_term": term})
 
 
 class GSLoraState(NamedTuple):
@@ -128,8 +145,8 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
             alpha_warmup_steps=0, beta=0.2, bound=105.0,
             group_pattern: str = MODULE_GROUPS,
             prototypes: jax.Array | None = None, prototype_weight=0.0,
-            prototype_bound=18.0, pull_weight=0.0,
-            axis_name: str | None = None) -> Immunizer:
+            prototype_bound=18.0, pull_weight=0.0, forget: str = "bounded",
+            logit_scale=1.0, axis_name: str | None = None) -> Immunizer:
   """One task of GS-LoRA (GS-LoRA++ when ``prototypes`` are given).
 
   Args:
@@ -148,6 +165,16 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
       KL_f)`` pushes forgotten classes from their prototypes.
     pull_weight: ``lambda_r * KL_r`` pulls retained ones in (0 in every
       released script).
+    forget: the forget term, one of :data:`immunojax.losses.FORGET_OBJECTIVES`:
+      ``"bounded"`` (released: ``beta * ReLU(bound - CE_f)``, margin on),
+      ``"orthogonal"`` (``beta *`` mean squared margin-free logit over
+      ``logit_scale``: the forgotten embeddings orthogonal to every head
+      row), ``"runner_up"`` (``beta *`` CE against the start-of-task
+      model's prediction with the true class removed), ``"collapse"``
+      (``beta * (1 - cos)`` to the prototype of that runner-up class; needs
+      ``prototypes``). The last three are ours, aimed at "never saw" rather
+      than the antipode.
+    logit_scale: the cosine head's scale ``s`` (``"orthogonal"`` only).
     axis_name: the batch's rows are spread over this named device axis:
       the cross-entropies and prototype distances are global weighted means
       (before the ReLUs), the gradients are averaged, and the step equals
@@ -158,6 +185,11 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
     An :class:`Immunizer`; ``init(params, key)`` makes fresh adapters,
     ``params(state)`` merges them.
   """
+  _checks.check_choice(forget, losses.FORGET_OBJECTIVES, "forget")
+  if forget == "collapse" and prototypes is None:
+    raise ValueError('forget="collapse" needs prototypes (the class-mean '
+                     "features it pulls forgotten examples onto)")
+
   def init(params, key):
     adapters = _lora.init(params, lora_config, key=key)
     groups(adapters, group_pattern)   # fail early on a bad pattern
@@ -166,8 +198,9 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
 
   def loss(adapters, base, batch, key, step):
     params = _lora.merge(base, adapters, lora_config)
-    value, (emb_r, emb_f, metrics) = _data_loss(forward, params, batch, key,
-                                                beta, bound, axis_name)
+    value, (emb_r, emb_f, metrics) = _data_loss(
+        forward, params, batch, key, beta, bound, axis_name, forget, base,
+        logit_scale, prototypes)
     structure = losses.group_lasso(groups(adapters, group_pattern))
     a = jnp.where(step < alpha_warmup_steps, 0.0, alpha)
     value = value + a * structure
@@ -207,6 +240,7 @@ def finetune_forget(forward: Forward, *,
                     optimizer: optax.GradientTransformation, trainable,
                     beta=0.2, bound=105.0, anchor_weight=0.0,
                     importance: PyTree | None = None,
+                    forget: str = "bounded", logit_scale=1.0,
                     axis_name: str | None = None) -> Immunizer:
   """The same data loss on the model's weights: the baselines.
 
@@ -219,8 +253,13 @@ def finetune_forget(forward: Forward, *,
   Args:
     trainable: bool mask pytree over the params (the paper's baselines
       freeze the head); frozen leaves get no update and no weight decay.
-    axis_name: as :func:`gs_lora`.
+    forget, logit_scale, axis_name: as :func:`gs_lora` (the teacher of
+      ``"runner_up"`` is the anchor, the weights at ``init``).
   """
+  _checks.check_choice(forget, losses.FORGET_OBJECTIVES, "forget")
+  if forget == "collapse":
+    raise ValueError('forget="collapse" is GS-LoRA\'s (it needs the '
+                     "prototypes gs_lora takes)")
   opt = masks.only(optimizer, trainable)
 
   def init(params, key):
@@ -229,7 +268,8 @@ def finetune_forget(forward: Forward, *,
 
   def loss(params, anchor, batch, key):
     value, (_, _, metrics) = _data_loss(forward, params, batch, key, beta,
-                                        bound, axis_name)
+                                        bound, axis_name, forget, anchor,
+                                        logit_scale)
     sq = jax.tree_util.tree_map(lambda p, a: jnp.square(p - a), params,
                                 anchor)
     if importance is not None:
