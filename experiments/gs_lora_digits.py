@@ -232,13 +232,13 @@ def _matrices(params):
 
 # ------------------------------------------------------------ task runs
 def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
-                fpad: int, head_frozen, split=lambda b: b):
-  """One jitted task run per (family, batch size, padding)
+                fpad: int, head_frozen, split=lambda b: b,
+                forget: str = "bounded"):
+  """One jitted task run per (family, batch size, padding, forget term)
   (:func:`immunojax.eval.continual.task_runner`): every task and variant
-  reuses its compilation."""
-  bound = cfg.bound * cfg.cosface_scale / 64.0
-
+  reuses its compilation; a ``"bound"`` coefficient replaces ``--bound``."""
   def build(start, x, y, task, coeffs, spe):
+    bound = coeffs.get("bound", cfg.bound * cfg.cosface_scale / 64.0)
     def schedule(count):
       e = jnp.minimum(count // spe, cfg.epochs)
       return cfg.min_lr + 0.5 * (coeffs["lr"] - cfg.min_lr) * (
@@ -262,7 +262,8 @@ def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
                        prototypes=prototypes,
                        prototype_weight=coeffs["prototype_weight"],
                        prototype_bound=cfg.prototype_bound,
-                       pull_weight=coeffs["pull_weight"])
+                       pull_weight=coeffs["pull_weight"], forget=forget,
+                       logit_scale=cfg.cosface_scale)
       return imm, lambda st: {"group_norms": gs.group_norms(st.adapters)}
     ri = task["retain_idx"]
     wr = (jnp.arange(ri.shape[0]) < n_r).astype(jnp.float32)
@@ -274,7 +275,8 @@ def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
     imm = gs.finetune_forget(forward, optimizer=opt, trainable=head_frozen,
                              beta=coeffs["beta"], bound=bound,
                              anchor_weight=coeffs["anchor_weight"],
-                             importance=importance)
+                             importance=importance, forget=forget,
+                             logit_scale=cfg.cosface_scale)
     return imm, lambda st: {}
 
   return continual_eval.task_runner(build, epochs=cfg.epochs, batch_size=bs,
@@ -345,29 +347,36 @@ def coefficients(cfg, method, regime, t):
   return {k: jnp.asarray(v, jnp.float32) for k, v in table[method].items()}
 
 
-def run_method(cfg, run, ctx, regime, method):
+def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
   """The continual protocol for one method: a checkpointed loop over tasks
-  (state: the merged weights, and the weights after task 1)."""
-  family = "lora" if method in LORA_FAMILY else "full"
+  (state: the merged weights, and the weights after task 1).
+
+  ``variant``: ``(base_method, coefficient_overrides, forget)`` runs a
+  variant of a method under the name ``method``; ``prefix`` names its loop
+  (e.g. a seed's)."""
+  base, overrides, forget = variant or (method, {}, "bounded")
+  family = "lora" if base in LORA_FAMILY else "full"
   bs = cfg.few_shot_batch if regime == "few_shot" else cfg.batch_size
   subsets = ctx["subsets"][regime]
   npad = max(len(r) for r, _ in ctx["all_subsets"][bs])
   fpad = max(len(f) for _, f in ctx["all_subsets"][bs])
-  if (family, bs) not in ctx["runners"]:
-    ctx["runners"][family, bs] = make_runner(
+  if (family, bs, forget) not in ctx["runners"]:
+    ctx["runners"][family, bs, forget] = make_runner(
         cfg, ctx["forward"], family, bs, npad, fpad, ctx["head_frozen"],
-        run.split_batch)
-  runner = ctx["runners"][family, bs]
+        run.split_batch, forget)
+  runner = ctx["runners"][family, bs, forget]
   ev, tasks = ctx["evaluator"], ctx["tasks"]
   x, y = ctx["x_train"], ctx["y_train"]
 
   def step(state, t):
     t0 = time.perf_counter()
     retain_idx, forget_idx = subsets[t]
-    start = ctx["init"] if method == "retrain" else state["params"]
+    start = ctx["init"] if base == "retrain" else state["params"]
     task = continual_eval.task_indices(retain_idx, forget_idx,
                                        retain_pad=npad, forget_pad=fpad)
-    out = runner(start, x, y, task, coefficients(cfg, method, regime, t),
+    coeffs = {**coefficients(cfg, base, regime, t),
+              **{k: jnp.asarray(v, jnp.float32) for k, v in overrides.items()}}
+    out = runner(start, x, y, task, coeffs,
                  jax.random.PRNGKey(cfg.seed * 7919 + 31 * t + 5))
     params = out["params"]
     correct = ev.correct(params)
@@ -384,10 +393,12 @@ def run_method(cfg, run, ctx, regime, method):
           gs.zeroed(norms, cfg.zero_rtol))))
     new = {"params": params,
            "first": params if t == 0 else state["first"]}
+    metrics["forget_class_acc"] = {
+        str(c): ev.accuracy(correct, [c]) for c in tasks[t].forget}
     metrics["wall_seconds"] = time.perf_counter() - t0
     return new, metrics
 
-  loop = f"{regime}/{method}"
+  loop = f"{prefix}{regime}/{method}"
   state = run.loop(loop, {"params": ctx["pretrained"],
                           "first": ctx["pretrained"]},
                    step, cfg.num_tasks, log_every=1,
@@ -398,12 +409,13 @@ def run_method(cfg, run, ctx, regime, method):
   result = {k: [r.get(k) for r in recs] for k in keys}
   result["loss"] = [r.get("loss") for r in recs]
   result["forget_ce"] = [r.get("forget_ce") for r in recs]   # last epoch
+  result["forget_class_acc"] = [r.get("forget_class_acc") for r in recs]
   if family == "lora":
     result["group_norms"] = [r["group_norms"] for r in recs]
     result["zeroed_groups"] = [r["zeroed_groups"] for r in recs]
   else:
     result["zeroed_groups"] = None
-  result["trainable_share"] = ctx["share"][family if method != "retrain"
+  result["trainable_share"] = ctx["share"][family if base != "retrain"
                                            else "retrain"]
   result["wall_seconds"] = float(sum(r["wall_seconds"] for r in recs))
   run.print(f"[{regime}] {method}: H " + ", ".join(
@@ -447,7 +459,10 @@ def relearning_probe(cfg, run, ctx, starts):
 
 
 # ------------------------------------------------------------ experiment
-def experiment(cfg: Config, run: _runner.Run) -> dict:
+def setup(cfg: Config, run: _runner.Run, *, prefix: str = "") -> dict:
+  """Data, model, class order and tasks, the pre-trained model and its
+  per-task accuracies, subsets per regime: what every method's run shares
+  (``prefix`` names the pre-training loop, e.g. a seed's)."""
   x_train, y_train, x_test, y_test = _split(cfg.seed)
   forward, init = build(cfg, cfg.seed)
   ctx = {"forward": forward, "init": init,
@@ -459,7 +474,8 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                           per_task=cfg.per_task, num_tasks=cfg.num_tasks)
   missing = tuple(order[:cfg.missing_classes])
   pretrained = pretrain(cfg, run, ctx, np.arange(len(y_train)),
-                        loop="pretrain", desc="pre-training (all classes)")
+                        loop=f"{prefix}pretrain",
+                        desc="pre-training (all classes)")
   ev = Evaluator(forward, x_test, y_test)
   correct = ev.correct(pretrained)
   pre = [{"acc_r": ev.accuracy(correct, t.retain),
@@ -483,9 +499,27 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   for r in cfg.regimes:
     bs = cfg.few_shot_batch if r == "few_shot" else cfg.batch_size
     all_subsets.setdefault(bs, []).extend(subsets[r])
-  ctx.update({"pretrained": pretrained, "evaluator": ev, "tasks": tasks, "missing": missing, "pre": pre,
-         "subsets": subsets, "all_subsets": all_subsets, "runners": {},
-         "head_frozen": head_frozen, "share": share})
+  ctx.update({"pretrained": pretrained, "evaluator": ev, "tasks": tasks,
+              "missing": missing, "pre": pre, "pre_all": pre_all,
+              "order": order, "subsets": subsets,
+              "all_subsets": all_subsets, "runners": {},
+              "head_frozen": head_frozen, "share": share})
+  return ctx
+
+
+def never_saw(cfg: Config, run: _runner.Run, ctx: dict, *,
+              prefix: str = ""):
+  """The reference pre-trained without task 1's forgotten classes."""
+  keep = np.flatnonzero(~np.isin(np.asarray(ctx["y_train"]),
+                                 ctx["tasks"][0].forget))
+  return pretrain(cfg, run, ctx, keep, loop=f"{prefix}pretrain_never_saw",
+                  desc="pre-training without task 1's classes")
+
+
+def experiment(cfg: Config, run: _runner.Run) -> dict:
+  ctx = setup(cfg, run)
+  tasks, missing, order = ctx["tasks"], ctx["missing"], ctx["order"]
+  pretrained, pre, pre_all = ctx["pretrained"], ctx["pre"], ctx["pre_all"]
   results: dict[str, dict] = {}
   firsts = {}
   for regime in cfg.regimes:
@@ -497,11 +531,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
       results.setdefault(m, {})[regime] = res
       if regime == cfg.regimes[0]:
         firsts[m] = first
-  # The reference that never saw task 1's forgotten classes.
-  keep = np.flatnonzero(~np.isin(y_train, tasks[0].forget))
-  never = pretrain(cfg, run, ctx, keep, loop="pretrain_never_saw",
-                   desc="pre-training without task 1's classes")
-  starts = {"never_saw": never, "original": pretrained}
+  starts = {"never_saw": never_saw(cfg, run, ctx), "original": pretrained}
   starts.update({m: firsts[m] for m in ("gs_lora", "gs_lora_pp")
                  if m in firsts})
   probe = relearning_probe(cfg, run, ctx, starts)
