@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import run_module
@@ -240,6 +241,95 @@ def test_gs_lora_digits_quick_contract(tmp_path):
   assert all(isinstance(v, bool) or v is None for v in s["targets"].values())
   for png in ("tasks.png", "group_norms.png", "relearning.png"):
     assert (out / png).exists()
+
+
+def test_gs_lora_relearning_quick_contract(tmp_path):
+  from experiments import gs_lora_relearning as g
+  out = tmp_path / "glr"
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if "xla_backend_optimization_level" not in f)
+  r = run_module(["-m", "experiments.gs_lora_relearning", "--quick", "--out",
+                  str(out), "--quiet"], env={"XLA_FLAGS": flags})
+  assert r.returncode == 0, r.stderr[-3000:]
+  s = load(out)
+  starts = {"original", "never_saw", *g.QUICK["variants"]}
+  assert set(s["relearning"]) == set(s["depth"]) == starts
+  for start in starts:
+    for probe in g.QUICK["probes"]:
+      row = s["relearning"][start][probe]
+      assert len(row["curve"]["mean"]) == len(s["steps"])
+      assert set(row) >= {"curve", "steps_to_50", "rho"}
+      assert len(row["rho"]["per_seed"]) == len(g.QUICK["seeds"])
+    assert 0 <= s["depth"][start]["linear_probe_accuracy"]["mean"] <= 1
+    assert set(s["variants"][start]) >= {"acc_f", "acc_r", "h_mean",
+                                         "relearn_50"}
+  # rho is 0 at never-saw and 1 at the original wherever it is defined
+  for ref, want in (("never_saw", 0.0), ("original", 1.0)):
+    for v in s["relearning"][ref]["head_only"]["rho"]["per_seed"]:
+      assert v is None or abs(v - want) < 1e-9
+  assert (out / "relearning.png").exists()
+
+
+def test_relearning_aggregate_and_target_by_hand():
+  from experiments import gs_lora_relearning as g
+  cfg = g.Config(probes=("head_only",), relearn_step=50, probe_steps=100)
+
+  def seed(u, n, d, acc_f):
+    probe = lambda v: {"head_only": {"curve": [0.0, v], "at_step": v,
+                                     "steps_to_50": 50 if v >= 0.5 else None}}
+    return {"probes": {"original": probe(u), "never_saw": probe(n),
+                       "x": probe(d)},
+            "scores": {"original": {"acc_r": 95.0, "acc_f": 95.0},
+                       "never_saw": {"acc_r": 95.0, "acc_f": 0.0},
+                       "x": {"acc_r": 94.0, "acc_f": acc_f, "h_mean": 90.0}},
+            "depth": {"original": 0.9, "never_saw": 0.5, "x": 0.6},
+            "steps": [0, 50], "pretrained_acc_r": 95.0}
+  agg = g.aggregate(cfg, [seed(0.9, 0.1, 0.2, 0.0), seed(0.8, 0.2, 0.3, 0.5)])
+  rho = agg["relearning"]["x"]["head_only"]["rho"]
+  np.testing.assert_allclose(rho["per_seed"], [0.125, 1 / 6])
+  np.testing.assert_allclose(rho["mean"], (0.125 + 1 / 6) / 2)
+  assert agg["relearning"]["never_saw"]["head_only"]["steps_to_50"][
+      "censored"] == 2
+  assert g.target(cfg, agg)["met_by"] == ["x"]     # |0.25 - 0.15| <= 0.15
+  agg = g.aggregate(cfg, [seed(0.9, 0.1, 0.5, 0.0), seed(0.8, 0.2, 0.3, 0.5)])
+  assert g.target(cfg, agg)["met_by"] == []        # 0.4 - 0.15 > 0.15
+
+
+def test_gs_lora_regimes_quick_contract(tmp_path):
+  from experiments import gs_lora_regimes as g
+  out = tmp_path / "glg"
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if "xla_backend_optimization_level" not in f)
+  r = run_module(["-m", "experiments.gs_lora_regimes", "--quick", "--out",
+                  str(out), "--quiet"], env={"XLA_FLAGS": flags})
+  assert r.returncode == 0, r.stderr[-3000:]
+  s = load(out)
+  assert set(s["alpha_by_regime"]) == set(g.QUICK["regimes"])
+  for regime, ch in s["alpha_by_regime"].items():
+    assert f"{ch['alpha']:g}" in s["alpha_sweep"][regime]
+    for a, row in s["alpha_sweep"][regime].items():
+      assert len(row["acc_f"]["mean"]) == 4 == len(row["h_mean"]["sd"])
+      assert len(row["forget_class_acc"]) == len(g.QUICK["seeds"])
+  assert set(s["few_shot_hard"]) == {"gs_lora", "gs_lora_pp"}
+  assert len(s["hard_verdict"]["per_task"]) == 4
+  assert (out / "regimes.png").exists()
+
+
+def test_alpha_choice_and_hard_verdict_by_hand():
+  from experiments import gs_lora_regimes as g
+  row = lambda f, h: {"acc_f": {"mean": f}, "h_mean": {"mean": h}}
+  a, rule = g.choose_alpha({"0.01": row([0, 0.5], [90, 91]),
+                            "0.1": row([0, 0.9], [92, 93]),
+                            "1": row([0, 3.0], [95, 95])})
+  assert a == "0.1" and "highest mean H" in rule
+  a, rule = g.choose_alpha({"0.1": row([2, 9], [1, 1]),
+                            "1": row([5, 4], [1, 1])})
+  assert a == "1" and "no alpha" in rule
+  acc = lambda m, sd: {"acc_f": {"mean": m, "sd": sd}}
+  v = g.hard_verdict({"gs_lora": acc([20, 10, 3], [2, 2, 1]),
+                      "gs_lora_pp": acc([10, 8, 3], [3, 1, 1])})
+  assert v["per_task"] == ["lower", "no difference", "no difference"]
+  assert v["gs_lora_leaves_over_5"] == [True, True, False]
 
 
 def test_mima_digits_quick_contract(tmp_path):
