@@ -29,6 +29,8 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("sophon_digits", False),
     ("sophon_denoiser", False),
     ("gs_lora_digits", False),
+    ("gs_lora_relearning", False),
+    ("gs_lora_regimes", False),
     ("mima_digits", False),
     ("cross_defense", False),
 ]
