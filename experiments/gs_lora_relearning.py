@@ -336,8 +336,11 @@ def sentences(cfg: Config, agg: dict) -> list[str]:
   for probe in cfg.probes[1:]:
     rows = agg["relearning"]
     never = rows["never_saw"][probe][f"at_{at}"]
-    worst = min((rows[s][probe][f"at_{at}"]["mean"], s) for s in rows
-                if s not in REFERENCES and v[s]["acc_r"]["mean"] >= 50.0)
+    learned = [(rows[s][probe][f"at_{at}"]["mean"], s) for s in rows
+               if s not in REFERENCES and v[s]["acc_r"]["mean"] >= 50.0]
+    if not learned:
+      continue
+    worst = min(learned)
     out.append(f"{probe} probe: every start that learned the retained "
                f"classes is back to >= {worst[0]:.2f} at {at} steps (lowest: "
                f"{worst[1]}) against never-saw's {_fmt(never)}"

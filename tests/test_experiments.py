@@ -206,17 +206,22 @@ def test_sophon_covered_reads_momentum_as_its_effective_step():
   assert not sd.covered(a("rmsprop", 1e-3), envs)
 
 
+def _run_at_default_optimisation(module: str, out) -> None:
+  """``--quick`` in its own process at XLA's default optimisation: the ViT
+  runs are bound by running, not compiling, and the suite's level 0
+  (conftest) made gs_lora_digits 1.8x slower (153 s against 81 s cold on 2
+  workers)."""
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if "xla_backend_optimization_level" not in f)
+  r = run_module(["-m", f"experiments.{module}", "--quick", "--out",
+                  str(out), "--quiet"], env={"XLA_FLAGS": flags})
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_gs_lora_digits_quick_contract(tmp_path):
   from experiments import gs_lora_digits as g
   out = tmp_path / "gs"
-  # In its own process at XLA's default optimisation: this run is bound by
-  # running, not compiling, and the suite's level 0 (conftest) made it 1.8x
-  # slower (153 s against 81 s cold on 2 workers).
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if "xla_backend_optimization_level" not in f)
-  r = run_module(["-m", "experiments.gs_lora_digits", "--quick", "--out",
-                  str(out), "--quiet"], env={"XLA_FLAGS": flags})
-  assert r.returncode == 0, r.stderr[-3000:]
+  _run_at_default_optimisation("gs_lora_digits", out)
   s = load(out)
   assert s["pretrained"]["test_accuracy"] > 60     # margin-on, quick size
   for method in g.METHODS:
@@ -246,11 +251,7 @@ def test_gs_lora_digits_quick_contract(tmp_path):
 def test_gs_lora_relearning_quick_contract(tmp_path):
   from experiments import gs_lora_relearning as g
   out = tmp_path / "glr"
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if "xla_backend_optimization_level" not in f)
-  r = run_module(["-m", "experiments.gs_lora_relearning", "--quick", "--out",
-                  str(out), "--quiet"], env={"XLA_FLAGS": flags})
-  assert r.returncode == 0, r.stderr[-3000:]
+  _run_at_default_optimisation("gs_lora_relearning", out)
   s = load(out)
   starts = {"original", "never_saw", *g.QUICK["variants"]}
   assert set(s["relearning"]) == set(s["depth"]) == starts
@@ -298,11 +299,7 @@ def test_relearning_aggregate_and_target_by_hand():
 def test_gs_lora_regimes_quick_contract(tmp_path):
   from experiments import gs_lora_regimes as g
   out = tmp_path / "glg"
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if "xla_backend_optimization_level" not in f)
-  r = run_module(["-m", "experiments.gs_lora_regimes", "--quick", "--out",
-                  str(out), "--quiet"], env={"XLA_FLAGS": flags})
-  assert r.returncode == 0, r.stderr[-3000:]
+  _run_at_default_optimisation("gs_lora_regimes", out)
   s = load(out)
   assert set(s["alpha_by_regime"]) == set(g.QUICK["regimes"])
   for regime, ch in s["alpha_by_regime"].items():
