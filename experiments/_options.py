@@ -24,6 +24,22 @@ class Seeded:
 
 
 @dataclasses.dataclass(frozen=True)
+class Seeds(Seeded):
+  """Several seeds, each run in turn (mean and sd over them): ``--seed`` is
+  not read (gs_lora_relearning, gs_lora_regimes)."""
+  seed: int = dataclasses.field(default=0, metadata={
+      "help": "not read: each of --seeds runs in turn"})
+  seeds: tuple[int, ...] = (0, 1, 2)
+
+  def __post_init__(self):
+    super().__post_init__()
+    _config.require(self, nonnegative=("seeds",))
+    if len(self.seeds) < 2 or len(set(self.seeds)) < len(self.seeds):
+      raise ValueError(f"--seeds needs at least two distinct seeds (an sd), "
+                       f"got {self.seeds}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CondNum(Seeded):
   """The condition-number regularizers' weights, estimator and direction
   rule, and the training step (house_price, digit_pairs,

@@ -27,17 +27,14 @@ import dataclasses
 
 import numpy as np
 
-from experiments import _cli, _config, _runner
+from experiments import _cli, _config, _options, _runner
 from experiments import gs_lora_digits as gsd
 
 PAPER_FEW_SHOT_ACC_F = {"gs_lora": 14.29, "gs_lora_pp": 0.15}   # task 1, %
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(gsd.Config):
-  seed: int = dataclasses.field(default=0, metadata={
-      "help": "not read: each of --seeds runs in turn"})
-  seeds: tuple[int, ...] = (0, 1, 2)
+class Config(_options.Seeds, gsd.Config):
   alphas: tuple[float, ...] = (0.01, 0.1, 1.0)
   hard_shots: int = 2
   hard_epochs: int = 30
@@ -47,11 +44,7 @@ class Config(gsd.Config):
   def __post_init__(self):
     super().__post_init__()
     _config.require(self, positive=("alphas", "hard_shots", "hard_epochs",
-                                    "hard_beta", "hard_prototype_bound"),
-                    nonnegative=("seeds",))
-    if len(self.seeds) < 2 or len(set(self.seeds)) < len(self.seeds):
-      raise ValueError(f"--seeds needs at least two distinct seeds (an sd), "
-                       f"got {self.seeds}")
+                                    "hard_beta", "hard_prototype_bound"))
     if len(self.hard_beta) < self.num_tasks:
       raise ValueError(f"--hard-beta needs one beta per task "
                        f"({self.num_tasks}), got {len(self.hard_beta)}")

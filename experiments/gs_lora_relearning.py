@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _cli, _config, _runner
+from experiments import _cli, _config, _options, _runner
 from experiments import gs_lora_digits as gsd
 from immunojax import attacks, losses, lora, models
 from immunojax.bench import metrics
@@ -79,10 +79,7 @@ Variant = Literal["retrain", "finetune", "l2", "ewc", "gs_lora", "gs_lora_pp",
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(gsd.Config):
-  seed: int = dataclasses.field(default=0, metadata={
-      "help": "not read: each of --seeds runs in turn"})
-  seeds: tuple[int, ...] = (0, 1, 2)
+class Config(_options.Seeds, gsd.Config):
   regimes: tuple[gsd.Regime, ...] = ("ratio",)
   num_tasks: int = 1
   variants: tuple[Variant, ...] = tuple(VARIANTS)
@@ -105,10 +102,7 @@ class Config(gsd.Config):
     _config.require(self, positive=("orthogonal_beta", "runner_up_beta",
                                     "collapse_beta", "relearn_step",
                                     "variants", "probes"),
-                    nonnegative=("seeds", "ours_alpha"))
-    if len(self.seeds) < 2 or len(set(self.seeds)) < len(self.seeds):
-      raise ValueError(f"--seeds needs at least two distinct seeds (an sd), "
-                       f"got {self.seeds}")
+                    nonnegative=("ours_alpha",))
     if self.relearn_step % 10 or self.relearn_step > self.probe_steps:
       raise ValueError(f"--relearn-step {self.relearn_step} must be a "
                        f"multiple of 10 within --probe-steps "
@@ -187,10 +181,10 @@ def linear_probe_accuracy(ctx: dict, params) -> float:
 
 
 def probe_starts(cfg: Config, run: _runner.Run, ctx: dict, starts: dict,
-                 seed: int) -> dict:
-  """Per start and probe mode: the validation-selected test curve, its
-  value at ``relearn_step`` and the steps to 0.5 (None: not within the
-  budget)."""
+                 seed: int) -> tuple[dict, list[int]]:
+  """Per start and probe: the validation-selected test curve, its value at
+  ``relearn_step`` and the steps to 0.5 (None: not within the budget); and
+  the evaluated steps."""
   modes = tuple(dict.fromkeys(m for p in cfg.probes for m in PROBE_MODES[p]))
   grid = attacks.grid(optimizers=("adam",), learning_rates=cfg.probe_lrs,
                       batch_sizes=(32,), modes=modes,
