@@ -96,7 +96,8 @@ def bounded_forget(forget_ce: jax.Array, bound: float) -> jax.Array:
   return jax.nn.relu(bound - forget_ce)
 
 
-FORGET_OBJECTIVES = ("bounded", "orthogonal", "runner_up", "collapse")
+FORGET_OBJECTIVES = ("bounded", "bounded_each", "orthogonal", "runner_up",
+                     "collapse")
 
 
 def orthogonal_forget_values(logits: jax.Array, scale=1.0) -> jax.Array:

@@ -65,6 +65,31 @@ def test_bounded_forget_switches_off_above_the_bound():
   assert float(grad(110.0)) == 0.0
 
 
+def test_bounded_each_bounds_every_example_not_the_batch_mean():
+  # Forget CEs 0 and ~2B: their mean meets the released bound, so
+  # "bounded" stops, while the first example is still recognised;
+  # "bounded_each" keeps pushing it (and only it).
+  bound = 10.0
+  table = jnp.array([[30.0, 0.0], [0.0, 20.0], [5.0, 0.0]])
+  fwd = lambda p, x, y, key: (p[x], p[x])
+  batch = {"retain": (jnp.array([2]), jnp.array([0]), jnp.ones(1)),
+           "forget": (jnp.array([0, 1]), jnp.array([0, 0]), jnp.ones(2))}
+  ce = optax.softmax_cross_entropy_with_integer_labels(table[:2],
+                                                       jnp.array([0, 0]))
+  assert float(jnp.mean(ce)) > bound > float(ce[0])
+
+  def term(forget, p=table):
+    return gs._data_loss(fwd, p, batch, jax.random.PRNGKey(0), 1.0, bound,
+                         None, forget)[1][2]["forget_term"]
+
+  assert float(term("bounded")) == 0.0
+  np.testing.assert_allclose(term("bounded_each"),
+                             np.mean(np.maximum(bound - np.asarray(ce), 0)),
+                             rtol=1e-6)
+  g = jax.grad(lambda p: term("bounded_each", p))(table)
+  assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) == 0
+
+
 def test_orthogonal_forget_is_the_mean_squared_cosine():
   rng = np.random.default_rng(1)
   emb, head = rng.normal(size=(3, 6)), rng.normal(size=(4, 6))

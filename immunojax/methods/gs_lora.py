@@ -112,10 +112,15 @@ def _data_loss(forward: Forward, params, batch, key, beta, bound, axis_name,
   # Global weighted means (over every device's rows under axis_name) before
   # the bounded forget's ReLU, which does not split over examples.
   ce_r = weighted_mean(ce(logits_r, yr), wr, axis_name)
-  if forget == "bounded":     # as released: the CE with the margin on
+  if forget in ("bounded", "bounded_each"):    # the CE with the margin on
     logits_f, emb_f = forward(params, xf, yf, kf)
-    ce_f = weighted_mean(ce(logits_f, yf), wf, axis_name)
-    term = losses.bounded_forget(ce_f, bound)
+    ce_each = ce(logits_f, yf)
+    ce_f = weighted_mean(ce_each, wf, axis_name)
+    if forget == "bounded":   # as released: the bound on the batch mean
+      term = losses.bounded_forget(ce_f, bound)
+    else:                     # the bound on every example
+      term = weighted_mean(losses.bounded_forget(ce_each, bound), wf,
+                           axis_name)
   else:                       # margin-free logits
     logits_f, emb_f = forward(params, xf, None, kf)
     ce_f = weighted_mean(ce(logits_f, yf), wf, axis_name)
@@ -166,14 +171,17 @@ def gs_lora(forward: Forward, *, lora_config: _lora.LoraConfig,
     pull_weight: ``lambda_r * KL_r`` pulls retained ones in (0 in every
       released script).
     forget: the forget term, one of :data:`immunojax.losses.FORGET_OBJECTIVES`:
-      ``"bounded"`` (released: ``beta * ReLU(bound - CE_f)``, margin on),
+      ``"bounded"`` (released: ``beta * ReLU(bound - CE_f)`` on the batch
+      mean, margin on), ``"bounded_each"`` (ours: the mean of
+      ``ReLU(bound - CE_i)`` over the forget examples, so one class pushed
+      far past the bound cannot carry another that is still recognised),
       ``"orthogonal"`` (``beta *`` mean squared margin-free logit over
       ``logit_scale``: the forgotten embeddings orthogonal to every head
       row), ``"runner_up"`` (``beta *`` CE against the start-of-task
       model's prediction with the true class removed), ``"collapse"``
       (``beta * (1 - cos)`` to the prototype of that runner-up class; needs
-      ``prototypes``). The last three are ours, aimed at "never saw" rather
-      than the antipode.
+      ``prototypes``). The last three are ours too, aimed at "never saw"
+      rather than the antipode.
     logit_scale: the cosine head's scale ``s`` (``"orthogonal"`` only).
     axis_name: the batch's rows are spread over this named device axis:
       the cross-entropies and prototype distances are global weighted means
