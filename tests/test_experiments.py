@@ -303,25 +303,39 @@ def test_gs_lora_regimes_quick_contract(tmp_path):
   s = load(out)
   assert set(s["alpha_by_regime"]) == set(g.QUICK["regimes"])
   for regime, ch in s["alpha_by_regime"].items():
-    assert f"{ch['alpha']:g}" in s["alpha_sweep"][regime]
-    for a, row in s["alpha_sweep"][regime].items():
-      assert len(row["acc_f"]["mean"]) == 4 == len(row["h_mean"]["sd"])
-      assert len(row["forget_class_acc"]) == len(g.QUICK["seeds"])
+    assert f"{ch['alpha']:g}" in s["alpha_sweep"][regime][ch["forget"]]
+    assert set(s["alpha_sweep"][regime]) == {"bounded", "bounded_each"}
+    for by_alpha in s["alpha_sweep"][regime].values():
+      for row in by_alpha.values():
+        assert len(row["acc_f"]["mean"]) == 4 == len(row["h_mean"]["sd"])
+        assert len(row["forget_class_acc"]) == len(g.QUICK["seeds"])
+        assert set(row["h_overall"]) == {"mean", "sd"}
   assert set(s["few_shot_hard"]) == {"gs_lora", "gs_lora_pp"}
   assert len(s["hard_verdict"]["per_task"]) == 4
   assert (out / "regimes.png").exists()
 
 
-def test_alpha_choice_and_hard_verdict_by_hand():
+def test_setting_choice_and_hard_verdict_by_hand():
   from experiments import gs_lora_regimes as g
-  row = lambda f, h: {"acc_f": {"mean": f}, "h_mean": {"mean": h}}
-  a, rule = g.choose_alpha({"0.01": row([0, 0.5], [90, 91]),
-                            "0.1": row([0, 0.9], [92, 93]),
-                            "1": row([0, 3.0], [95, 95])})
-  assert a == "0.1" and "highest mean H" in rule
-  a, rule = g.choose_alpha({"0.1": row([2, 9], [1, 1]),
-                            "1": row([5, 4], [1, 1])})
-  assert a == "1" and "no alpha" in rule
+  row = lambda f, h, sd=0.5: {"acc_f": {"mean": f},
+                              "h_overall": {"mean": h, "sd": sd}}
+  # 0.1 has the best H; 1 misses Acc_f; 0.01 is 2 points below (> 2 sd).
+  f, a, rule = g.choose_setting({"bounded": {
+      "0.01": row([0, 0.5], 90), "0.1": row([0, 0.9], 92),
+      "1": row([0, 3.0], 95)}})
+  assert (f, a) == ("bounded", "0.1") and "no different" in rule
+  # inside 2 sd of the best: the largest alpha; the released term first.
+  f, a, _ = g.choose_setting({"bounded": {"0.1": row([0, 0], 92, 1.0),
+                                          "1": row([0, 0], 91.5, 1.0)},
+                              "bounded_each": {"1": row([0, 0], 93, 1.0)}})
+  assert (f, a) == ("bounded", "1")
+  # the released term misses Acc_f: ours is chosen.
+  f, a, _ = g.choose_setting({"bounded": {"1": row([48, 0], 95)},
+                              "bounded_each": {"0.01": row([0, 0], 80)}})
+  assert (f, a) == ("bounded_each", "0.01")
+  f, a, rule = g.choose_setting({"bounded": {"0.1": row([2, 9], 1),
+                                             "1": row([5, 4], 1)}})
+  assert (f, a) == ("bounded", "1") and "no setting" in rule
   acc = lambda m, sd: {"acc_f": {"mean": m, "sd": sd}}
   v = g.hard_verdict({"gs_lora": acc([20, 10, 3], [2, 2, 1]),
                       "gs_lora_pp": acc([10, 8, 3], [3, 1, 1])})
