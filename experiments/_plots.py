@@ -5,22 +5,28 @@ from __future__ import annotations
 import numpy as np
 
 from experiments._rundir import jsonable
+from immunojax.eval.curves import select
 
 
 def attack_curves(run, curves, name: str = "attack_curves", *,
                   ylabel: str = "test metric", title: str = "") -> None:
-  """One panel per start point: every attack's curve, best one bold."""
+  """One panel per start point: every attack's curve, best one bold (with a
+  ``[validation, test]`` metric: test values, the attack validation chose
+  over the whole budget bold)."""
   starts = list(curves.metric)
   fig, axes = run.new_figure(ncols=len(starts), figsize=(4.5 * len(starts), 3.6),
                              sharey=True, squeeze=False)
   for ax, start in zip(axes[0], starts):
-    m = curves.metric[start]
+    m = np.asarray(curves.metric[start], float)
     steps = curves.steps[start]
+    val = m[..., 0] if m.ndim == 3 else m
+    m = m[..., -1] if m.ndim == 3 else m
     for i, row in enumerate(m):
       ax.plot(steps, row, color="tab:gray", alpha=0.35, lw=0.8,
               label=f"each of the {len(m)} attacks" if i == 0 else None)
-    if np.isfinite(m).any():
-      best = int(np.argmax(np.where(np.isfinite(m), m, -np.inf).max(1)))
+    pick = select(val, steps, int(steps[-1]))
+    if pick is not None:
+      best = pick[0]
       ax.plot(steps, m[best], color="tab:red", lw=2,
               label=f"strongest attack: {curves.attacks[best].label}")
     n_div = int(curves.diverged[start].sum())

@@ -10,7 +10,9 @@ the full fine-tuning baselines (forget loss alone, L2, EWC, retraining from
 scratch); the released alpha = 1e-4 runs beside the tuned one in the ratio
 regime. A relearning probe (the attack harness) then fine-tunes the models
 after task 1 on a few images of every class and tracks how fast the
-forgotten classes return, against a model pre-trained without them.
+forgotten classes return, against a model pre-trained without them (the
+attacker chosen on a validation half of the forgotten classes' test images,
+scored on the other half).
 
   python -m experiments.gs_lora_digits
 
@@ -462,34 +464,50 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
 
 
 # ------------------------------------------------------------ relearning
-def relearning_probe(cfg, run, ctx, starts):
-  """Fine-tune each start on ``probe_shots`` images of every class
-  (:func:`immunojax.eval.relearning.relearning_probe`); the metric is test
-  accuracy on task 1's forgotten classes (margin on)."""
+def probe_target(cfg: Config, ctx: dict, seed: int) -> attacks.Target:
+  """The relearning probe's target: ``probe_shots`` images of every class to
+  train on; the metric is margin-on accuracy on task 1's forgotten classes'
+  test images, ``[validation, test]`` (stratified halves: the attacker and
+  checkpoint are chosen on one, read on the other)."""
   forward, ev = ctx["forward"], ctx["evaluator"]
   idx = relearning.few_shot_indices(np.asarray(ctx["y_train"]),
                                     cfg.probe_shots, classes=range(10),
-                                    seed=cfg.seed + 404)
-  sel = np.isin(ev.y, list(ctx["tasks"][0].forget))
-  xt, yt = ev.x[sel], jnp.asarray(ev.y[sel])
-  target = attacks.Target(
-      loss_fn=lambda p, b: losses.cross_entropy(forward(p, b[0], b[1],
-                                                        None)[0], b[1]),
-      metric_fn=lambda p: models.accuracy(forward(p, xt, yt, None)[0], yt),
+                                    seed=seed + 404)
+  forgot = np.flatnonzero(np.isin(ev.y, list(ctx["tasks"][0].forget)))
+  val, test = (forgot[h] for h in relearning.validation_halves(
+      ev.y[forgot], seed + 405))
+
+  def acc(p, rows):
+    x, y = ev.x[rows], jnp.asarray(ev.y[rows])
+    return models.accuracy(forward(p, x, y, None)[0], y)
+
+  return attacks.Target(
+      loss_fn=lambda p, b: losses.cross_entropy(
+          forward(p, b[0], b[1], None)[0], b[1]),
+      metric_fn=lambda p: jnp.stack([acc(p, val), acc(p, test)]),
       train_data=(ctx["x_train"][idx], ctx["y_train"][idx]), head=("^head$",),
       lora_config=lora.LoraConfig(r=cfg.rank, lora_alpha=float(cfg.rank),
                                   target_modules=(
                                       r"blocks/\d+/(fc1|fc2|qkv|out)/kernel",)))
+
+
+def relearning_probe(cfg, run, ctx, starts):
+  """Fine-tune each start on ``probe_shots`` images of every class
+  (:func:`immunojax.eval.relearning.relearning_probe` on
+  :func:`probe_target`: attacker and checkpoint chosen on a validation half
+  of task 1's forgotten classes' test images, read on the other half)."""
+  target = probe_target(cfg, ctx, cfg.seed)
   run.print(f"relearning probe: {len(cfg.probe_lrs) * len(cfg.probe_modes)} "
             f"attacks x {len(starts)} starts, {cfg.probe_shots} shots of "
             "each class")
   curves, result = relearning.relearning_probe(
       starts, target, learning_rates=cfg.probe_lrs, modes=cfg.probe_modes,
-      steps=cfg.probe_steps, batch_size=min(32, len(idx)),
+      steps=cfg.probe_steps,
+      batch_size=min(32, len(target.train_data[1])),
       threshold=cfg.probe_threshold, attack_map=run.grid_map())
   run.write_json("relearning_curves.json", _plots.curves_json(curves))
   _plots.attack_curves(run, curves, "relearning",
-                       ylabel="task-1 forgotten classes, test accuracy",
+                       ylabel="task-1 forgotten classes, test half",
                        title="relearning probe")
   return result
 
@@ -635,7 +653,8 @@ def findings(cfg, out) -> list[str]:
       notes.append(
           f"Relearning: the classes GS-LoRA forgot come back faster than a "
           f"model that never saw them learns them (step {s}: {g:.2f} vs "
-          f"{n:.2f} test accuracy, best probe attacker): at this scale the "
+          f"{n:.2f} test-half accuracy, the probe attacker chosen on the "
+          "validation half): at this scale the "
           "forgetting is partly hiding, the opposite of the target.")
   fs = res.get("gs_lora", {}).get("few_shot")
   fpp = res.get("gs_lora_pp", {}).get("few_shot")
@@ -725,8 +744,9 @@ def _figures(cfg, run, out):
   for s, v in rl["steps_to_threshold"].items():
     run.figure(f"relearning: steps to {rl['threshold']:.0%} on task-1 "
                f"forgotten classes, {s}", v,
-               note="best of the probe's attackers (Adam; full / LoRA); "
-               "None: never reached")
+               note="the probe's attacker (Adam; full / LoRA) and checkpoint "
+               "chosen on a validation half of those test images, read on "
+               "the other; None: never reached")
 
 
 def _plot_tasks(cfg, run, out):

@@ -41,9 +41,8 @@ import numpy as np
 
 from experiments import _cli, _config, _options, _runner
 from experiments import gs_lora_digits as gsd
-from immunojax import attacks, losses, lora, models
+from immunojax import attacks
 from immunojax.bench import metrics
-from immunojax.eval import relearning
 
 Probe = Literal["head_only", "reinit_head", "full", "lora"]
 # A probe is a family of attacker modes; its rate and mode are chosen
@@ -131,41 +130,6 @@ def variant(cfg: Config, name: str):
 
 
 # ------------------------------------------------------------- probes
-def _halves(labels: np.ndarray, seed: int):
-  """Stratified validation / test halves of the given test indices."""
-  rng = np.random.default_rng(seed)
-  val, test = [], []
-  for c in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    val.append(idx[: len(idx) // 2])
-    test.append(idx[len(idx) // 2:])
-  return np.concatenate(val), np.concatenate(test)
-
-
-def probe_target(cfg: Config, ctx: dict, seed: int) -> attacks.Target:
-  """4 shots of every class to train on; the metric is margin-on accuracy
-  on the forgotten classes' test images, ``[validation, test]``."""
-  forward, ev = ctx["forward"], ctx["evaluator"]
-  idx = relearning.few_shot_indices(np.asarray(ctx["y_train"]),
-                                    cfg.probe_shots, classes=range(10),
-                                    seed=seed + 404)
-  forgot = np.flatnonzero(np.isin(ev.y, list(ctx["tasks"][0].forget)))
-  val, test = (forgot[h] for h in _halves(ev.y[forgot], seed + 405))
-
-  def acc(p, rows):
-    x, y = ev.x[rows], jnp.asarray(ev.y[rows])
-    return models.accuracy(forward(p, x, y, None)[0], y)
-
-  return attacks.Target(
-      loss_fn=lambda p, b: losses.cross_entropy(
-          forward(p, b[0], b[1], None)[0], b[1]),
-      metric_fn=lambda p: jnp.stack([acc(p, val), acc(p, test)]),
-      train_data=(ctx["x_train"][idx], ctx["y_train"][idx]), head=("^head$",),
-      lora_config=lora.LoraConfig(r=cfg.rank, lora_alpha=float(cfg.rank),
-                                  target_modules=(
-                                      r"blocks/\d+/(fc1|fc2|qkv|out)/kernel",)))
-
-
 def linear_probe_accuracy(ctx: dict, params) -> float:
   """Depth: a least-squares head (with bias) on the frozen features of every
   training image, scored (argmax over ten classes) on the forgotten
@@ -189,7 +153,7 @@ def probe_starts(cfg: Config, run: _runner.Run, ctx: dict, starts: dict,
   grid = attacks.grid(optimizers=("adam",), learning_rates=cfg.probe_lrs,
                       batch_sizes=(32,), modes=modes,
                       steps=(cfg.probe_steps,))
-  curves = attacks.run_attacks(grid, starts, probe_target(cfg, ctx, seed),
+  curves = attacks.run_attacks(grid, starts, gsd.probe_target(cfg, ctx, seed),
                                eval_every=10, attack_map=run.grid_map())
   out = {}
   for s in starts:

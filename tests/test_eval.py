@@ -135,6 +135,39 @@ def test_relearning_probe_curve_equals_a_hand_computed_attack():
   assert res["steps_to_threshold"]["removed"] == want
 
 
+def test_relearning_probe_chooses_on_validation_and_reads_test():
+  labels = np.array([0, 1, 2] * 8)
+  x = jax.random.normal(jax.random.PRNGKey(1), (24, 4))
+  idx = relearning.few_shot_indices(labels, 2, classes=(0, 1, 2), seed=0)
+  val, test = relearning.validation_halves(labels, seed=5)
+  assert sorted(np.concatenate([val, test]).tolist()) == list(range(24))
+  assert [int(np.sum(labels[val] == c)) for c in range(3)] == [4, 4, 4]
+  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      b[0] @ p["w"], b[1]).mean()
+  acc = lambda p, rows: jnp.mean(jnp.argmax(x[rows] @ p["w"], -1)
+                                 == labels[rows])
+  target = attacks.Target(
+      loss_fn=loss, metric_fn=lambda p: jnp.stack([acc(p, val),
+                                                   acc(p, test)]),
+      train_data=(x[idx], jnp.asarray(labels[idx])))
+  crv, res = relearning.relearning_probe(
+      {"removed": {"w": jnp.zeros((4, 3))}}, target,
+      learning_rates=(0.05, 0.5), optimizer="sgd", steps=20, batch_size=6,
+      threshold=0.5, eval_every=10)
+  m = crv.metric["removed"]
+  assert m.shape == (2, 3, 2) and res["selection"] == "validation"
+  want = curves.selected_curve(m[..., 0], m[..., 1], [0, 10, 20])
+  np.testing.assert_allclose(res["best_attack_curve"]["removed"], want)
+  assert res["steps_to_threshold"]["removed"] == curves.steps_to_threshold(
+      [0, 10, 20], want, 0.5)
+  wide = attacks.Target(loss_fn=loss, metric_fn=lambda p: jnp.zeros(3),
+                        train_data=target.train_data)
+  with pytest.raises(ValueError, match="validation, test"):
+    relearning.relearning_probe({"removed": {"w": jnp.zeros((4, 3))}}, wide,
+                                learning_rates=(0.1,), optimizer="sgd",
+                                steps=10, batch_size=6, threshold=0.5)
+
+
 # -------------------------------------------------------------- references
 def test_against_references_and_per_attack_deltas():
   per = {"scratch": [0.1, 0.5, 0.7], "protected": [0.1, 0.4, 0.8],

@@ -243,6 +243,7 @@ def test_gs_lora_digits_quick_contract(tmp_path):
   assert set(rl["best_attack_curve"]) == {"never_saw", "original", "gs_lora",
                                           "gs_lora_pp"}
   assert len(rl["steps"]) == len(rl["best_attack_curve"]["gs_lora"])
+  assert rl["selection"] == "validation"      # never chosen on the test half
   assert all(isinstance(v, bool) or v is None for v in s["targets"].values())
   for png in ("tasks.png", "group_norms.png", "relearning.png"):
     assert (out / png).exists()

@@ -28,40 +28,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from immunojax.eval.curves import select, selected_curve  # noqa: F401
+
 MIN_GAP = 0.05
 
 
 def _budget_mask(steps: np.ndarray, budget: int) -> np.ndarray:
   return np.asarray(steps) <= budget
-
-
-def select(val: np.ndarray, steps: Sequence[int], budget: int
-           ) -> tuple[int, int] | None:
-  """The attack and checkpoint with the highest validation value within
-  ``budget`` steps (NaN -- a diverged attack -- never chosen), or None.
-
-  Args:
-    val: ``(attacks, checkpoints)`` validation metric.
-  """
-  v = np.where(_budget_mask(steps, budget)[None, :], np.asarray(val, float),
-               np.nan)
-  if not np.isfinite(v).any():
-    return None
-  a, e = np.unravel_index(np.nanargmax(v), v.shape)
-  return int(a), int(e)
-
-
-def selected_curve(val: np.ndarray, test: np.ndarray,
-                   steps: Sequence[int]) -> np.ndarray:
-  """The worst-case curve an unbiased attacker reaches: at each checkpoint
-  ``b``, the test value of the attack and checkpoint :func:`select` chooses
-  on validation within ``b`` steps (NaN where nothing is finite)."""
-  out = np.full(len(steps), np.nan)
-  for e, b in enumerate(steps):
-    pick = select(val, steps, b)
-    if pick is not None:
-      out[e] = np.asarray(test, float)[pick]
-  return out
 
 
 def upper_bound(test: np.ndarray, steps: Sequence[int], budget: int

@@ -1,7 +1,8 @@
 """Evaluation protocols: pure functions every experiment, the cross-defense
 table and a user's own study share.
 
-* :mod:`~immunojax.eval.curves`: the strongest attacker, steps to a
+* :mod:`~immunojax.eval.curves`: the strongest attacker (chosen on a
+  validation split, or the test-chosen upper bound), steps to a
   threshold, the gap ratio, seed statistics and the 2-sd "no difference"
   rule.
 * :mod:`~immunojax.eval.references`: SOPHON's paper protocol, curves read
@@ -16,8 +17,8 @@ table and a user's own study share.
 from immunojax.eval import (continual, curves, generative, probes,
                             references, relearning)
 from immunojax.eval.curves import (best_curve, differs, gap_ratio, mean_std,
-                                   steps_to_threshold)
+                                   select, selected_curve, steps_to_threshold)
 
 __all__ = ["best_curve", "continual", "curves", "differs", "gap_ratio",
            "generative", "mean_std", "probes", "references", "relearning",
-           "steps_to_threshold"]
+           "select", "selected_curve", "steps_to_threshold"]

@@ -1,5 +1,6 @@
-"""Reading attack curves: the strongest attacker, steps to a threshold, the
-gap to a reference, and seed statistics with the "no difference" rule.
+"""Reading attack curves: the strongest attacker (chosen on a validation
+split, or the test-chosen upper bound), steps to a threshold, the gap to a
+reference, and seed statistics with the "no difference" rule.
 
 Pure numpy over :class:`immunojax.attacks.AttackCurves` (or plain arrays):
 experiments, the cross-defense table and users read curves the same way.
@@ -31,6 +32,35 @@ def best_curve(metric: np.ndarray, *, higher_is_better: bool = True
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN columns
       return np.nanmax(m, 0) if higher_is_better else np.nanmin(m, 0)
+
+
+def select(val: np.ndarray, steps: Sequence[int], budget: int
+           ) -> tuple[int, int] | None:
+  """The attack and checkpoint with the highest validation value within
+  ``budget`` steps (NaN -- a diverged attack -- never chosen), or None.
+
+  Args:
+    val: ``(attacks, checkpoints)`` validation metric.
+  """
+  v = np.where((np.asarray(steps) <= budget)[None, :], np.asarray(val, float),
+               np.nan)
+  if not np.isfinite(v).any():
+    return None
+  a, e = np.unravel_index(np.nanargmax(v), v.shape)
+  return int(a), int(e)
+
+
+def selected_curve(val: np.ndarray, test: np.ndarray,
+                   steps: Sequence[int]) -> np.ndarray:
+  """The worst-case curve an unbiased attacker reaches: at each checkpoint
+  ``b``, the test value of the attack and checkpoint :func:`select` chooses
+  on validation within ``b`` steps (NaN where nothing is finite)."""
+  out = np.full(len(steps), np.nan)
+  for e, b in enumerate(steps):
+    pick = select(val, steps, b)
+    if pick is not None:
+      out[e] = np.asarray(test, float)[pick]
+  return out
 
 
 def steps_to_threshold(steps: Sequence[int], curve: Sequence[float],

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from immunojax import attacks
-from immunojax.eval.curves import best_curve
+from immunojax.eval.curves import best_curve, selected_curve, \
+    steps_to_threshold
 
 PyTree = object
 
@@ -40,6 +41,21 @@ def few_shot_indices(labels: np.ndarray, shots: int, *,
   return np.concatenate(out)
 
 
+def validation_halves(labels: np.ndarray, seed: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified ``(validation, test)`` halves: positions into ``labels``,
+  each class split in two at random (``numpy.random.default_rng(seed)``;
+  an odd class gives the test half one more)."""
+  rng = np.random.default_rng(seed)
+  labels = np.asarray(labels)
+  val, test = [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    val.append(idx[: len(idx) // 2])
+    test.append(idx[len(idx) // 2:])
+  return np.concatenate(val), np.concatenate(test)
+
+
 def relearning_probe(starts: Mapping[str, PyTree], target: attacks.Target, *,
                      learning_rates: Sequence[float],
                      modes: Sequence[str] = ("full",),
@@ -52,7 +68,11 @@ def relearning_probe(starts: Mapping[str, PyTree], target: attacks.Target, *,
   Args:
     starts: the removed model(s) and references, by name.
     target: what the attacker trains on (a few examples of every class) and
-      the metric (e.g. accuracy on the removed classes' test images).
+      the metric (e.g. accuracy on the removed classes' test images): a
+      scalar, or ``[validation, test]`` (e.g. from
+      :func:`validation_halves`), where the attacker and checkpoint are
+      chosen on validation and read on test (:func:`~immunojax.eval.curves.
+      selected_curve`) -- the unbiased worst case.
     learning_rates, modes, optimizer: the attacker grid (an optimizer is
       any value :func:`immunojax.optimizers.optimizer` takes).
     steps: the attack's budget; a multiple of ``eval_every``.
@@ -60,23 +80,39 @@ def relearning_probe(starts: Mapping[str, PyTree], target: attacks.Target, *,
 
   Returns:
     ``(curves, result)``: the harness's curves, and a JSON-able dict with
-    ``steps``, ``best_attack_curve`` (per start, the strongest attacker at
-    every evaluation), ``steps_to_threshold`` (per start, the fewest steps
-    any attacker needed; None: never), ``threshold`` and the ``attacks``'
-    labels.
+    ``steps``, ``best_attack_curve`` (per start, the strongest attacker
+    within each evaluated budget: validation-chosen with a ``[validation,
+    test]`` metric, else the test maximum), ``selection`` (``"validation"``
+    or ``"test"``), ``steps_to_threshold`` (per start, on that curve; None:
+    never), ``threshold`` and the ``attacks``' labels.
+
+  Raises:
+    ValueError: a metric that is neither a scalar nor ``[validation,
+      test]``.
   """
   grid = attacks.grid(optimizers=(optimizer,), learning_rates=learning_rates,
                       batch_sizes=(batch_size,), modes=modes, steps=(steps,))
   curves = attacks.run_attacks(grid, dict(starts), target,
                                eval_every=eval_every, attack_map=attack_map)
-  summary = attacks.summarize(curves, threshold=threshold, scratch=None,
-                              higher_is_better=target.higher_is_better)
-  best = {s: [None if not np.isfinite(v) else float(v) for v in best_curve(
-      curves.metric[s], higher_is_better=target.higher_is_better)]
-          for s in starts}
+  sign = 1.0 if target.higher_is_better else -1.0
+  best, selection = {}, None
+  for s in starts:
+    m, at = np.asarray(curves.metric[s], float), curves.steps[s]
+    if m.ndim == 3 and m.shape[-1] == 2:
+      selection = "validation"
+      c = sign * selected_curve(sign * m[..., 0], sign * m[..., 1], at)
+    elif m.ndim == 2:
+      selection = "test"
+      c = best_curve(m, higher_is_better=target.higher_is_better)
+    else:
+      raise ValueError(f"relearning_probe needs a scalar or [validation, "
+                       f"test] metric; start {s!r} has values of shape "
+                       f"{m.shape[2:]}")
+    best[s] = [None if not np.isfinite(v) else float(v) for v in c]
+  steps_ = [int(v) for v in curves.steps[next(iter(starts))]]
   return curves, {
-      "steps": [int(s) for s in curves.steps[next(iter(starts))]],
-      "best_attack_curve": best,
-      "steps_to_threshold": {s: summary[s]["steps_to_threshold"]
-                             for s in starts},
+      "steps": steps_, "best_attack_curve": best, "selection": selection,
+      "steps_to_threshold": {s: steps_to_threshold(
+          steps_, [np.nan if v is None else v for v in best[s]], threshold,
+          higher_is_better=target.higher_is_better) for s in starts},
       "threshold": threshold, "attacks": [a.label for a in grid]}
