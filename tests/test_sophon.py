@@ -180,3 +180,47 @@ def test_fts_slows_the_attack_it_simulates_and_ntr_keeps_the_task():
   # measured 0.70 vs 0.89 after 5 steps, 0.83 vs 0.91 after 10
   assert curves.metric["protected"][0, 1] < curves.metric["original"][0, 1] - 0.1
   assert curves.metric["protected"][0, 2] < curves.metric["original"][0, 2]
+
+
+# ------------------------------------------------- restricted-domain data
+def test_denoising_pairs_draw_timesteps_up_to_t_max():
+  from immunojax.data import diffusion
+  x0 = np.random.default_rng(0).uniform(size=(50, 64))
+  for t_max in (1, 250, 1000):
+    inputs, eps = diffusion.denoising_pairs(x0, seed=1, copies=4,
+                                            t_max=t_max)
+    assert inputs.shape == (200, 80) and eps.shape == (200, 64)
+    # the first feature pair is sin / cos(pi t / T): t read back exactly
+    t = np.round(np.arccos(np.clip(inputs[:, 72], -1, 1)) / np.pi * 1000)
+    assert t.min() >= 1 and t.max() <= t_max
+    if t_max == 1000:
+      assert t.max() > 250                   # every timestep is drawn
+  with pytest.raises(ValueError, match="t_max"):
+    diffusion.denoising_pairs(x0, seed=1, t_max=0)
+
+
+def test_glyph_variants_are_a_family_of_shapes_per_class():
+  from immunojax.data import domains
+  t = domains.glyph_templates(6, seed=3)
+  assert t.shape == (10, 6, 8, 8)
+  for c in range(10):
+    np.testing.assert_array_equal(t[c, 0], domains._glyph(c))
+    assert len({t[c, v].tobytes() for v in range(6)}) >= 3
+  # variants=1 draws exactly what the base glyphs always drew (the other
+  # experiments' data): the draw sequence written out by hand.
+  one = domains.glyphs(seed=5, num_train=40, num_test=10)
+  base = np.stack([domains._glyph(c) for c in range(10)])
+  rng = np.random.default_rng(5)
+  y = rng.integers(0, 10, 40)
+  dy, dx = rng.integers(-1, 2, (2, 40))
+  img = np.stack([np.roll(np.roll(base[c], a, 0), b, 1)
+                  for c, a, b in zip(y, dy, dx)])
+  img = img * rng.uniform(0.6, 1.0, (40, 1, 1)) + rng.normal(0, 0.15,
+                                                             img.shape)
+  np.testing.assert_array_equal(one.y_train, y)
+  np.testing.assert_allclose(one.x_train,
+                             np.clip(img, 0, 1).reshape(40, 64), rtol=1e-6)
+  assert not np.array_equal(domains.glyphs(seed=5, variants=4).x_train,
+                            domains.glyphs(seed=5).x_train)
+  with pytest.raises(ValueError, match="variants"):
+    domains.glyph_templates(0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+NUM_TIMESTEPS = 1000
+
 
 def alphas_bar(num_timesteps: int = 1000) -> np.ndarray:
   betas = np.linspace(1e-4, 0.02, num_timesteps)
@@ -25,17 +27,24 @@ def time_features(t: np.ndarray, num_timesteps: int = 1000,
 
 
 def denoising_pairs(x0: np.ndarray, *, seed: int, copies: int = 4,
-                    num_timesteps: int = 1000):
+                    num_timesteps: int = 1000, t_max: int | None = None):
   """``copies`` noisy versions of every image in ``x0`` (``(N, D)`` in
-  [0, 1], rescaled to [-1, 1]).
+  [0, 1], rescaled to [-1, 1]), at timesteps uniform in ``[1, t_max]``
+  (``t_max`` None: every timestep, ``[1, num_timesteps]``).
 
   Returns:
     ``(inputs, eps)``: inputs ``(copies * N, D + 16)`` = ``[x_t, features
     of t]``, and the noise ``eps`` ``(copies * N, D)`` to predict; float32.
+
+  Raises:
+    ValueError: ``t_max`` outside ``[1, num_timesteps]``.
   """
+  t_max = num_timesteps if t_max is None else int(t_max)
+  if not 1 <= t_max <= num_timesteps:
+    raise ValueError(f"t_max must be in [1, {num_timesteps}], got {t_max}")
   rng = np.random.default_rng(seed)
   x = np.tile(2.0 * x0 - 1.0, (copies, 1))
-  t = rng.integers(1, num_timesteps + 1, len(x))
+  t = rng.integers(1, t_max + 1, len(x))
   ab = alphas_bar(num_timesteps)[t - 1][:, None]
   eps = rng.normal(size=x.shape)
   xt = np.sqrt(ab) * x + np.sqrt(1.0 - ab) * eps

@@ -85,16 +85,45 @@ def _glyph(c: int) -> np.ndarray:
   return img
 
 
-def glyphs(*, num_train: int = 600, num_test: int = 270, seed: int = 0,
-           sigma: float = 0.15) -> Domain:
-  """Ten stroke classes on 8x8, each sample jittered by up to 1 pixel,
-  scaled by an intensity in [0.6, 1] and noised, in [0, 1]."""
+def glyph_templates(variants: int, *, seed: int = 0) -> np.ndarray:
+  """``(10, variants, 8, 8)`` stroke templates: variant 0 of each class is
+  its base glyph; the others move the strokes by up to a pixel, thicken them
+  along a random axis and drop a random pixel run (``numpy.random.
+  default_rng(seed)``), so a class is a family of shapes rather than one."""
+  if variants < 1:
+    raise ValueError(f"variants must be >= 1, got {variants}")
   rng = np.random.default_rng(seed)
-  base = np.stack([_glyph(c) for c in range(10)])
+  out = np.zeros((10, variants, 8, 8), np.float32)
+  for c in range(10):
+    base = _glyph(c)
+    out[c, 0] = base
+    for v in range(1, variants):
+      img = np.roll(np.roll(base, rng.integers(-1, 2), 0),
+                    rng.integers(-1, 2), 1)
+      if rng.random() < 0.5:
+        img = np.maximum(img, np.roll(img, 1, int(rng.integers(0, 2))))
+      on = np.flatnonzero(img.ravel())
+      cut = rng.choice(on, size=min(len(on) // 4, 2), replace=False)
+      img.ravel()[cut] = 0.0
+      out[c, v] = img
+  return out
+
+
+def glyphs(*, num_train: int = 600, num_test: int = 270, seed: int = 0,
+           sigma: float = 0.15, variants: int = 1) -> Domain:
+  """Ten stroke classes on 8x8 (``variants`` templates each, see
+  :func:`glyph_templates`; 1: the base glyph only), each sample jittered by
+  up to 1 pixel, scaled by an intensity in [0.6, 1] and noised, in
+  [0, 1]."""
+  templates = glyph_templates(variants, seed=seed + 7919)
+  rng = np.random.default_rng(seed)
 
   def sample(n):
     y = rng.integers(0, 10, n)
-    img = base[y]
+    if variants == 1:            # the original draw sequence, unchanged
+      img = templates[y, 0]
+    else:
+      img = templates[y, rng.integers(0, variants, n)]
     dy, dx = rng.integers(-1, 2, (2, n))
     img = np.stack([np.roll(np.roll(im, a, 0), b, 1)
                     for im, a, b in zip(img, dy, dx)])
