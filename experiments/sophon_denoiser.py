@@ -3,15 +3,23 @@ CPU scale): a tiny DDPM-style noise predictor on the bundled digits,
 protected against fine-tuning on a restricted image domain with the
 denial-of-service loss.
 
-Original domain: half of the digits; restricted domain: the procedural glyph
-set (a different image family, as CelebA is to CIFAR-100). The denoiser is an
-MLP on ``[x_t, sinusoidal features of t]`` predicting ``eps`` (linear beta
-schedule, T = 1000, every timestep; the released code fixes t = 1). SOPHON
-drives the simulated attacker's noise prediction to zero on the restricted
-domain (``MSE(eps_hat, 0)``) while NTR keeps the original denoising loss; a
-guard rolls back updates that raise the original test MSE more than 10%.
-Metric: restricted-domain test denoising MSE after fine-tuning from scratch,
-original and protected starts (a model that predicts zero scores 1.0).
+Original domain: half of the digits; restricted domain: procedural glyphs
+(``--glyph-variants`` stroke templates per class, a different image family,
+as CelebA is to CIFAR-100). The denoiser is an MLP on ``[x_t, sinusoidal
+features of t]`` predicting ``eps`` (linear beta schedule, T = 1000;
+pre-trained on every timestep; the released code fixes t = 1). SOPHON drives
+the simulated attacker's noise prediction to zero on the restricted domain
+(``MSE(eps_hat, 0)``) while NTR keeps the original denoising loss; a guard
+rolls back updates that raise the original test MSE more than 10%. The DoS
+loss, NTR, the guard and every reported MSE use timesteps t <= ``--t-max``
+(250): a digits-vs-glyphs classifier on x_t is perfect at t <= 100 and at
+chance for t >= 700, so at large t the two losses act on inputs that cannot
+be told apart. The simulated fine-tuning (``--inner-steps``) is at least as
+long as the evaluated attacker's first epoch; the attacker trains on every
+timestep (it has no reason not to). Metric: restricted-domain test denoising
+MSE (t <= t_max) after 1, 5 and ``--epochs`` epochs of fine-tuning from
+scratch, original and protected starts, over ``--seeds`` runs (a model that
+predicts zero scores 1.0).
 
   python -m experiments.sophon_denoiser
 """
@@ -23,12 +31,14 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from experiments import _cli, _config, _options, _pretrain, _runner
 from immunojax import attacks, data, losses, models
 from immunojax.data import diffusion, domains as doms
+from immunojax.eval import curves as ev_curves
 from immunojax.methods import sophon as sp
 
 PAPER = {"scratch": 0.479, "original": 0.445, "protected": 0.705}  # CIFAR-100 -> CelebA
@@ -40,7 +50,9 @@ class Config(_options.Sophon):
   hidden: int = 256
   pretrain_epochs: int = 60
   loops: int = 1000
-  inner_steps: int = 10
+  inner_steps: int = dataclasses.field(default=40, metadata={
+      "help": "simulated fine-tuning steps per FTS update: at least the "
+              "attacker's first epoch (checked when the data is known)"})
   fts_lr: float = 3e-4
   ntr_lr: float = 1e-3
   env_sgd_lr: float = 0.05
@@ -49,28 +61,51 @@ class Config(_options.Sophon):
   guard_ratio: float = dataclasses.field(default=1.1, metadata={
       "help": "roll back updates whose original test MSE exceeds this "
               "multiple of the pre-trained model's"})
+  seeds: int = dataclasses.field(default=3, metadata={
+      "help": "independent runs (seed, seed + 1, ...): initialisation, "
+              "noise draws, pre-training, protection and attack batches"})
+  t_max: int = dataclasses.field(default=250, metadata={
+      "help": "the DoS loss, NTR, the guard and every reported MSE use "
+              "timesteps t <= this (of 1000)"})
+  glyph_variants: int = dataclasses.field(default=8, metadata={
+      "help": "stroke templates per glyph class (1: the ten base glyphs)"})
+  report_epochs: tuple[int, ...] = (1, 5, 20)
 
   def __post_init__(self):
     super().__post_init__()
-    _config.require(self, positive=("guard_ratio",))
+    _config.require(self, positive=("guard_ratio", "seeds", "t_max",
+                                    "glyph_variants", "report_epochs"))
+    if self.t_max > diffusion.NUM_TIMESTEPS:
+      raise ValueError(f"--t-max must be <= {diffusion.NUM_TIMESTEPS}, got "
+                       f"{self.t_max}")
+    if max(self.report_epochs) > self.epochs:
+      raise ValueError(f"--report-epochs must be <= --epochs "
+                       f"({self.epochs}), got {self.report_epochs}")
 
 
-QUICK = {"pretrain_epochs": 10, "loops": 60, "epochs": 4}
+QUICK = {"pretrain_epochs": 10, "loops": 60, "epochs": 4, "seeds": 2,
+         "report_epochs": (1, 4)}
+STARTS = ("scratch", "original", "protected")
 
 
-def pairs(dom, seed):
-  train = diffusion.denoising_pairs(dom.x_train, seed=seed, copies=4)
-  test = diffusion.denoising_pairs(dom.x_test, seed=seed + 1, copies=2)
-  return tuple(map(jnp.asarray, train)), tuple(map(jnp.asarray, test))
+def pairs(x, seed, *, copies, t_max=None):
+  return tuple(map(jnp.asarray, diffusion.denoising_pairs(
+      x, seed=seed, copies=copies, t_max=t_max)))
 
 
-def experiment(cfg: Config, run: _runner.Run) -> dict:
-  original, _, _ = doms.digit_halves(seed=cfg.seed)
-  restricted = doms.glyphs(seed=cfg.seed)
-  (o_train, o_test), (r_train, r_test) = (pairs(original, cfg.seed + 10),
-                                          pairs(restricted, cfg.seed + 20))
+def one_seed(cfg: Config, run: _runner.Run, seed: int, original,
+             restricted) -> dict:
+  """Pre-train, protect and attack with one seed: the restricted test MSE
+  (t <= t_max) after every attack epoch from each start, the original test
+  MSE of the original and protected models, rollbacks."""
+  o_train = pairs(original.x_train, seed + 10, copies=4)
+  o_ntr = pairs(original.x_train, seed + 11, copies=4, t_max=cfg.t_max)
+  o_test = pairs(original.x_test, seed + 12, copies=2, t_max=cfg.t_max)
+  r_attack = pairs(restricted.x_train, seed + 20, copies=4)
+  r_dos = pairs(restricted.x_train, seed + 21, copies=4, t_max=cfg.t_max)
+  r_test = pairs(restricted.x_test, seed + 22, copies=2, t_max=cfg.t_max)
   model = models.MLP((64 + 16, cfg.hidden, cfg.hidden, 64),
-                     rngs=nnx.Rngs(cfg.seed), activation=jax.nn.silu)
+                     rngs=nnx.Rngs(seed), activation=jax.nn.silu)
   apply, init = models.functional(model)
   mse_on = lambda d: jax.jit(lambda p: losses.mse(apply(p, d[0]), d[1]))
   original_mse, restricted_mse = mse_on(o_test), mse_on(r_test)
@@ -78,8 +113,9 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   spe = data.steps_per_epoch(len(o_train[0]), 64)
   pretrained = _pretrain.fit(run, loss, init, o_train,
                              steps=cfg.pretrain_epochs * spe, lr=1e-3,
-                             batch_size=64, seed=cfg.seed + 1,
-                             desc="pre-training the denoiser")
+                             batch_size=64, seed=seed + 1,
+                             desc=f"pre-training the denoiser (seed {seed})",
+                             loop=f"pretrain_s{seed}")
   base = float(original_mse(pretrained))
   imm = sp.sophon(
       apply=apply, restricted_loss=losses.RESTRICTED_LOSSES[cfg.loss],
@@ -90,7 +126,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                                 optax.adam(cfg.fts_lr)),
       ntr_optimizer=optax.adam(cfg.ntr_lr),
       guard=sp.Guard(lambda p: -original_mse(p), -cfg.guard_ratio * base))
-  key = jax.random.PRNGKey(cfg.seed + 3)
+  key = jax.random.PRNGKey(seed + 3)
   k, b = cfg.inner_steps, cfg.batch_size
 
   def sample(d, t):
@@ -99,52 +135,142 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
     return {"restricted": jax.tree_util.tree_map(lambda a: a[None], block),
             "original": jax.tree_util.tree_map(lambda a: a[None], orig)}
 
-  state = run.fit("protect", imm, imm.init(pretrained, key), sample,
-                  (r_train, o_train), cfg.loops, key=key,
-                  desc="SOPHON (denoiser, DoS)", batch_spec=sp.BATCH_SPEC)
+  loop = f"protect_s{seed}"
+  state = run.fit(loop, imm, imm.init(pretrained, key), sample,
+                  (r_dos, o_ntr), cfg.loops, key=key,
+                  desc=f"SOPHON (denoiser, DoS, seed {seed})",
+                  batch_spec=sp.BATCH_SPEC)
   protected = imm.params(state)
-  logged = run.records("protect")
+  logged = run.records(loop)
   starts = {"scratch": init, "original": pretrained, "protected": protected}
   target = attacks.Target(loss_fn=loss, metric_fn=restricted_mse,
-                          train_data=r_train, higher_is_better=False)
-  rspe = data.steps_per_epoch(len(r_train[0]), cfg.attack_batch)
+                          train_data=r_attack, higher_is_better=False)
+  rspe = data.steps_per_epoch(len(r_attack[0]), cfg.attack_batch)
   attack = attacks.Attack("adam", cfg.attack_lr, cfg.attack_batch, "full",
-                          cfg.epochs * rspe)
+                          cfg.epochs * rspe, seed=seed)
   curves = attacks.run_attacks([attack], starts, target, eval_every=rspe,
                                attack_map=run.grid_map())
-  per = {s: [float(v) for v in curves.metric[s][0]] for s in starts}
-  out = {"restricted_mse_after_finetune": {s: per[s][-1] for s in starts},
-         "restricted_mse_before_finetune": {s: per[s][0] for s in starts},
-         "curves": per, "epochs": list(range(cfg.epochs + 1)),
-         "original_test_mse": {"original": base,
-                               "protected": float(original_mse(protected))},
-         "rolled_back_of_logged_updates": {
-             "logged_updates": len(logged),
-             "rolled_back": sum(r.get("rolled_back", 0) for r in logged)},
-         "paper": PAPER}
-  after = out["restricted_mse_after_finetune"]
-  out["target_protected_above_scratch_and_original"] = bool(
-      after["protected"] > max(after["scratch"], after["original"]))
-  for s in starts:
-    run.figure(f"restricted denoising MSE after {cfg.epochs} epochs, {s}",
-               after[s], PAPER[s], note="paper: DDPM CIFAR-100 -> CelebA, 20 "
-               "epochs; ours: MLP denoiser digits -> glyphs, Adam")
+  return {"curves": {s: [float(v) for v in curves.metric[s][0]]
+                     for s in starts},
+          "original_test_mse": {"original": base,
+                                "protected": float(original_mse(protected))},
+          "rolled_back": {"logged_updates": len(logged),
+                          "rolled_back": sum(r.get("rolled_back", 0)
+                                             for r in logged)},
+          "attack_steps_per_epoch": rspe}
+
+
+def _stats(values) -> dict:
+  return ev_curves.mean_std([float(v) for v in values])
+
+
+def aggregate(cfg: Config, runs: list[dict]) -> dict:
+  """Mean and sd over seeds; the per-epoch verdict of protected against
+  scratch (2-sd rule) and the targets."""
+  curves = {s: ev_curves.mean_std([r["curves"][s] for r in runs])
+            for s in STARTS}
+  at = {str(e): {s: {"mean": curves[s]["mean"][e], "std": curves[s]["std"][e]}
+                 for s in STARTS} for e in cfg.report_epochs}
+  verdict = {}
+  for e, row in at.items():
+    p, sc = row["protected"], row["scratch"]
+    band = 2 * max(p["std"], sc["std"])
+    verdict[e] = ("above" if p["mean"] - sc["mean"] > band else
+                  "below" if sc["mean"] - p["mean"] > band else
+                  "no difference")
+  orig = {s: _stats([r["original_test_mse"][s] for r in runs])
+          for s in ("original", "protected")}
+  early = [str(e) for e in cfg.report_epochs if e in (1, 5)]
+  after = {s: curves[s]["mean"][-1] for s in STARTS}
+  return {
+      "curves": {s: curves[s]["mean"] for s in STARTS},
+      "curves_sd": {s: curves[s]["std"] for s in STARTS},
+      "epochs": list(range(cfg.epochs + 1)),
+      "at_epochs": at, "protected_vs_scratch": verdict,
+      "restricted_mse_after_finetune": after,
+      "restricted_mse_before_finetune": {s: curves[s]["mean"][0]
+                                         for s in STARTS},
+      "original_test_mse": orig,
+      "rolled_back_of_logged_updates": [r["rolled_back"] for r in runs],
+      "simulated_steps_vs_first_epoch": {
+          "inner_steps": cfg.inner_steps,
+          "attack_steps_per_epoch": runs[0]["attack_steps_per_epoch"]},
+      "targets": {
+          "protected above scratch (2 sd) at epochs 1 and 5": all(
+              verdict[e] == "above" for e in early) if early else None,
+          "original-domain MSE within 10 %":
+              orig["protected"]["mean"] <= 1.1 * orig["original"]["mean"],
+          f"protected above scratch and original after {cfg.epochs} "
+          "epochs (2 sd)": verdict.get(str(cfg.epochs)) == "above" and all(
+              curves["protected"]["mean"][-1] - curves[s]["mean"][-1]
+              > 2 * max(curves["protected"]["std"][-1], curves[s]["std"][-1])
+              for s in ("scratch", "original"))}}
+
+
+def experiment(cfg: Config, run: _runner.Run) -> dict:
+  original, _, _ = doms.digit_halves(seed=cfg.seed)
+  restricted = doms.glyphs(seed=cfg.seed, variants=cfg.glyph_variants)
+  runs = [one_seed(cfg, run, cfg.seed + i, original, restricted)
+          for i in range(cfg.seeds)]
+  out = aggregate(cfg, runs)
+  out["paper"] = PAPER
+  sim = out["simulated_steps_vs_first_epoch"]
+  notes = [f"Every MSE is on timesteps t <= {cfg.t_max} (the DoS loss, NTR "
+           "and the guard too); the attacker trains on every timestep."]
+  if sim["inner_steps"] < sim["attack_steps_per_epoch"]:
+    notes.append(f"The simulated fine-tuning ({sim['inner_steps']} steps) is "
+                 f"shorter than the attacker's first epoch "
+                 f"({sim['attack_steps_per_epoch']} steps).")
+  for e, v in out["protected_vs_scratch"].items():
+    row = out["at_epochs"][e]
+    notes.append(f"Epoch {e}: protected {row['protected']['mean']:.3f} ± "
+                 f"{row['protected']['std']:.3f}, scratch "
+                 f"{row['scratch']['mean']:.3f} ± {row['scratch']['std']:.3f},"
+                 f" original {row['original']['mean']:.3f} ± "
+                 f"{row['original']['std']:.3f}: protected {v} scratch.")
+  out["notes"] = notes
+  last = str(cfg.epochs)
+  for s in STARTS:
+    run.figure(f"restricted denoising MSE (t <= {cfg.t_max}) after "
+               f"{cfg.epochs} epochs, {s}", out["restricted_mse_after_finetune"]
+               [s], PAPER[s], note=f"sd {out['curves_sd'][s][-1]:.3f}; paper:"
+               " DDPM CIFAR-100 -> CelebA, 20 epochs, every t; ours: MLP "
+               f"denoiser digits -> glyphs, Adam, {cfg.seeds} seeds")
+  for e in cfg.report_epochs:
+    if str(e) != last:
+      row = out["at_epochs"][str(e)]
+      run.figure(f"restricted MSE after {e} epoch(s), protected - scratch",
+                 row["protected"]["mean"] - row["scratch"]["mean"],
+                 note=out["protected_vs_scratch"][str(e)])
   for s in ("original", "protected"):
-    run.figure(f"original-domain test MSE, {s} model",
-               out["original_test_mse"][s])
-  run.print("  target protected > scratch and original: "
-            f"{'met' if out['target_protected_above_scratch_and_original'] else 'MISSED'}")
+    run.figure(f"original-domain test MSE (t <= {cfg.t_max}), {s} model",
+               out["original_test_mse"][s]["mean"],
+               note=f"sd {out['original_test_mse'][s]['std']:.4f}")
+  for k, v in out["targets"].items():
+    run.print(f"  target {k}: {'n/a' if v is None else 'met' if v else 'MISSED'}")
+  for line in notes:
+    run.print("  " + line)
+  _plot(cfg, run, out)
+  return out
+
+
+def _plot(cfg: Config, run: _runner.Run, out: dict) -> None:
   fig, ax = run.new_figure(figsize=(5.5, 3.8))
-  for s, c in (("scratch", "k"), ("original", "tab:blue"),
-               ("protected", "tab:red")):
-    ax.plot(out["epochs"], per[s], marker="o", ms=3, color=c, label=s)
+  x = np.asarray(out["epochs"])
+  for s, c, ls in (("scratch", "k", "--"), ("original", "tab:blue", "-"),
+                   ("protected", "tab:red", "-")):
+    m, sd = np.asarray(out["curves"][s]), np.asarray(out["curves_sd"][s])
+    ax.plot(x, m, marker="o", ms=3, color=c, ls=ls, label=s)
+    ax.fill_between(x, m - sd, m + sd, color=c, alpha=0.15)
   ax.axhline(1.0, color="gray", ls=":", lw=0.8, label="predicts zero")
-  ax.set(xlabel="fine-tuning epoch (Adam)", ylabel="restricted test MSE",
-         title="denoiser fine-tuned on glyphs")
+  ax.set(xlabel="fine-tuning epoch (Adam)",
+         ylabel=f"restricted test MSE (t <= {cfg.t_max})",
+         title="Is fine-tuning the protected denoiser on glyphs no easier "
+         "than from scratch?")
+  ax.title.set_fontsize(8)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   run.save_figure(fig, "finetune_mse")
-  return out
 
 
 main = _cli.entry_point("sophon_denoiser", Config, experiment, quick=QUICK,
