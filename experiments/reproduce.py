@@ -28,6 +28,7 @@ EXPERIMENTS: list[tuple[str, bool]] = [
     ("deep_immunization", False),
     ("sophon_digits", False),
     ("sophon_denoiser", False),
+    ("sophon_trapping", False),
     ("gs_lora_digits", False),
     ("gs_lora_relearning", False),
     ("gs_lora_regimes", False),

@@ -138,7 +138,7 @@ def covered(attack: attacks.Attack, envs: list[sp.Environment]) -> bool:
 
 
 def protect(cfg, run, apply, params, original, restricted, guard, envs,
-            seed):
+            seed, prefix=""):
   acc = lambda p, x, y: float(models.accuracy(apply(p, x), y))
   guard_acc = acc(params, jnp.asarray(guard[0]), guard[1])
   imm = sp.sophon(
@@ -167,7 +167,7 @@ def protect(cfg, run, apply, params, original, restricted, guard, envs,
                            for r in restricted.values()],
             "original": (jnp.asarray(original.x_train),
                          jnp.asarray(original.y_train))}
-  loop = f"protect_s{seed}"
+  loop = f"{prefix}protect_s{seed}"
   state = run.fit(loop, imm, imm.init(params, key), sample, arrays,
                   cfg.loops, key=key, log_every=10,
                   desc=f"SOPHON seed {seed} ({len(restricted)} domain(s), "
@@ -230,9 +230,10 @@ def label(a: attacks.Attack) -> str:
   return f"{a.optimizer_name} lr={a.learning_rate:g} bs={a.batch_size} {a.mode}"
 
 
-def one_seed(cfg, run, seed, restricted, original, guard, rate):
+def one_seed(cfg, run, seed, restricted, original, guard, rate, prefix=""):
   """Pre-train, protect and attack with one seed: per domain the
-  protocol's curves and the grid's ``(attacks, checkpoints, 2)``."""
+  protocol's curves and the grid's ``(attacks, checkpoints, 2)``
+  (``prefix`` names its loops, e.g. an ablation row's)."""
   model = models.MLP((64, cfg.hidden, cfg.hidden // 2, 10),
                      rngs=nnx.Rngs(seed))
   apply, init = models.functional(model)
@@ -240,7 +241,7 @@ def one_seed(cfg, run, seed, restricted, original, guard, rate):
   pretrained = _pretrain.classifier(
       run, apply, init, original, steps=cfg.pretrain_epochs * spe, lr=1e-3,
       batch_size=32, seed=seed + 1, desc=f"pre-training on half A (seed "
-      f"{seed})", loop=f"pretrain_s{seed}")
+      f"{seed})", loop=f"{prefix}pretrain_s{seed}")
   if rate is None:
     calib = calibrate(cfg, run, init, pretrained, restricted, apply)
     rate = calib["attack_lr"]
@@ -250,7 +251,7 @@ def one_seed(cfg, run, seed, restricted, original, guard, rate):
                       else cfg.env_sgd_lr)
   protected, guard_acc, rolled = protect(cfg, run, apply, pretrained,
                                          original, restricted, guard, envs,
-                                         seed)
+                                         seed, prefix)
   starts = {"scratch": init, "original": pretrained, "protected": protected}
   acc = lambda p: float(models.accuracy(apply(p, jnp.asarray(
       original.x_test)), original.y_test))

@@ -190,6 +190,52 @@ def test_sophon_digits_quick_contract(tmp_path):
   assert (out / "paper_protocol.png").exists()
 
 
+def test_sophon_trapping_quick_contract(tmp_path):
+  from experiments import sophon_trapping as st
+  out = tmp_path / "st"
+  assert st.main(["--quick", "--out", str(out), "--quiet", "--loops", "30",
+                  "--pretrain-epochs", "8", "--epochs", "2",
+                  "--env-modes", "full,head", "--grid-steps", "40",
+                  "--budgets", "20,40"]) == 0
+  s = load(out)
+  assert set(s["rows"]) == {"trap", "all_environments"}
+  trap, full = s["rows"]["trap"], s["rows"]["all_environments"]
+  # the trap row is the spec's run F: one environment, full SGD
+  assert [(e["mode"], e["optimizer"]) for e in trap["environments"]] == [
+      ("full", "sgd")]
+  assert len(full["environments"]) == 2                # full, head x sgd
+  assert trap["rate"] == full["rate"]                  # one calibration
+  for r in (trap, full):
+    v = r["verdicts"]["noise_shift"]
+    assert isinstance(v["full_finetuning_trapped"], bool)
+    assert set(v["vs_scratch_per_attack"].values()) <= {
+        "below", "above", "no difference", "n/a"}
+    assert len(r["rolled_back"]) == 2
+  assert any(n.startswith("Adding environments") for n in s["notes"])
+  assert (out / "trapping.png").exists()
+
+
+def test_sophon_denoiser_quick_contract(tmp_path):
+  from experiments import sophon_denoiser as sdn
+  out = tmp_path / "sdn"
+  assert sdn.main(["--quick", "--out", str(out), "--quiet", "--loops", "20",
+                   "--inner-steps", "4", "--hidden", "64"]) == 0
+  s = load(out)
+  assert set(s["at_epochs"]) == {"1", "4"}
+  assert set(s["protected_vs_scratch"].values()) <= {"above", "below",
+                                                     "no difference"}
+  assert len(s["curves"]["protected"]) == len(s["curves_sd"]["scratch"]) == 5
+  assert s["simulated_steps_vs_first_epoch"]["inner_steps"] == 4
+  assert any("shorter than the attacker's first epoch" in n
+             for n in s["notes"])                       # 4 < one epoch
+  assert len(s["rolled_back_of_logged_updates"]) == 2
+  assert set(s["targets"]) >= {"original-domain MSE within 10 %"}
+  assert (out / "finetune_mse.png").exists()
+  assert sdn.main(["--quick", "--out", str(tmp_path / "bad"), "--t-max",
+                   "2000"]) == 2
+  assert not (tmp_path / "bad").exists()       # nothing written
+
+
 def test_sophon_covered_reads_momentum_as_its_effective_step():
   from experiments import sophon_digits as sd
   from immunojax import attacks
