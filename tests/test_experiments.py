@@ -198,9 +198,9 @@ def test_sophon_trapping_quick_contract(tmp_path):
                   "--env-modes", "full,head", "--grid-steps", "40",
                   "--budgets", "20,40"]) == 0
   s = load(out)
-  assert set(s["rows"]) == {"trap", "all_environments"}
-  trap, full = s["rows"]["trap"], s["rows"]["all_environments"]
-  # the trap row is the spec's run F: one environment, full SGD
+  assert set(s["rows"]) == {"one_environment", "all_environments"}
+  trap, full = s["rows"]["one_environment"], s["rows"]["all_environments"]
+  # the spec's run F structure: one environment, full SGD
   assert [(e["mode"], e["optimizer"]) for e in trap["environments"]] == [
       ("full", "sgd")]
   assert len(full["environments"]) == 2                # full, head x sgd
@@ -388,6 +388,17 @@ def test_setting_choice_and_hard_verdict_by_hand():
                       "gs_lora_pp": acc([10, 8, 3], [3, 1, 1])})
   assert v["per_task"] == ["lower", "no difference", "no difference"]
   assert v["gs_lora_leaves_over_5"] == [True, True, False]
+  cell = {"acc_f": {"mean": [0.0, 0.5]}}
+  agg = {"alpha_by_regime": {"ratio": {
+      "alpha": 1.0, "forget": "bounded",
+      "acc_r_minus_pretrained": {"mean": [-1.0, -2.5]}}},
+         "alpha_sweep": {"ratio": {"bounded": {"1": cell}}},
+         "hard_verdict": v}
+  t = g.targets(agg)
+  assert t["ratio: Acc_f <= 1 % after every task (chosen setting)"]
+  assert not t["ratio: Acc_r within 2 points of pre-trained after every "
+               "task"]                                   # -2.5 on task 2
+  assert not any(k.startswith("hard") and t[k] for k in t)  # task 2: no diff.
 
 
 def test_mima_digits_quick_contract(tmp_path):
