@@ -146,7 +146,8 @@ class Config(_options.Probe):
         "beta_ratio", "beta_few_shot", "baseline_lr", "retrain_lr",
         "zero_rtol", "probe_shots", "probe_modes"), nonnegative=(
         "dropout", "margin", "weight_decay", "missing_classes",
-        "alpha_ratio", "alpha_few_shot", "alpha_missing", "alpha_warmup_epochs", "released_alpha", "prototype_weight",
+        "alpha_ratio", "alpha_few_shot", "alpha_missing",
+        "alpha_warmup_epochs", "released_alpha", "prototype_weight",
         "prototype_bound", "pull_weight", "l2_weight", "ewc_weight"))
     continual.tasks(range(10), first_retained=self.first_retained,
                     per_task=self.per_task, num_tasks=self.num_tasks)
@@ -360,9 +361,12 @@ def regime_forget(cfg, regime: str) -> str:
   return getattr(cfg, f"forget_{regime}")
 
 
-def coefficients(cfg, method, regime, t):
+def coefficients(cfg, method, regime, t, forget=None):
+  """Task ``t``'s coefficients of ``method`` in ``regime``; the bound is
+  ``forget``'s (default: the regime's forget term)."""
   beta = (cfg.beta_few_shot if regime == "few_shot" else cfg.beta_ratio)[t]
-  bound = (cfg.bound_each if regime_forget(cfg, regime) == "bounded_each"
+  forget = forget or regime_forget(cfg, regime)
+  bound = (cfg.bound_each if forget == "bounded_each"
            else cfg.bound) * cfg.cosface_scale / 64.0
   lora_co = {"lr": cfg.lr, "beta": beta, "bound": bound,
              "init_a": math.sqrt(50.0) if (t > 0 and cfg.reinit_a == "code")
@@ -412,7 +416,7 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
     start = ctx["init"] if base == "retrain" else state["params"]
     task = continual_eval.task_indices(retain_idx, forget_idx,
                                        retain_pad=npad, forget_pad=fpad)
-    coeffs = {**coefficients(cfg, base, regime, t),
+    coeffs = {**coefficients(cfg, base, regime, t, forget),
               **{k: jnp.asarray(v, jnp.float32) for k, v in overrides.items()}}
     out = runner(start, x, y, task, coeffs,
                  jax.random.PRNGKey(cfg.seed * 7919 + 31 * t + 5))
