@@ -699,8 +699,11 @@ def targets(cfg, out) -> dict:
   fs = res.get("gs_lora", {}).get("few_shot")
   fpp = res.get("gs_lora_pp", {}).get("few_shot")
   if fs is not None and fpp is not None:
-    t["few-shot: GS-LoRA++ Acc_r > GS-LoRA Acc_r on task 1"] = \
-        fpp["acc_r"][0] > fs["acc_r"][0]
+    # The paper's direction is lower Acc_f (its few-shot block has GS-LoRA++
+    # *below* GS-LoRA on Acc_r); gs_lora_regimes tests it on 3 seeds in a
+    # setting hard enough for GS-LoRA to leave classes recognisable.
+    t["few-shot: GS-LoRA++ Acc_f not above GS-LoRA's on task 1"] = \
+        fpp["acc_f"][0] <= fs["acc_f"][0]
   curves = out["relearning"]["best_attack_curve"]
   if "gs_lora" in curves:
     t["relearning: GS-LoRA's forgotten classes return no faster than "

@@ -207,6 +207,10 @@ def aggregate(cfg: Config, runs: list[dict]) -> dict:
               for s in ("scratch", "original"))}}
 
 
+def _relation(verdict: str) -> str:
+  return "no different from" if verdict == "no difference" else verdict
+
+
 def experiment(cfg: Config, run: _runner.Run) -> dict:
   original, _, _ = doms.digit_halves(seed=cfg.seed)
   restricted = doms.glyphs(seed=cfg.seed, variants=cfg.glyph_variants)
@@ -227,9 +231,21 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                  f"{row['protected']['std']:.3f}, scratch "
                  f"{row['scratch']['mean']:.3f} ± {row['scratch']['std']:.3f},"
                  f" original {row['original']['mean']:.3f} ± "
-                 f"{row['original']['std']:.3f}: protected {v} scratch.")
-  out["notes"] = notes
+                 f"{row['original']['std']:.3f}: protected {_relation(v)} "
+                 "scratch.")
   last = str(cfg.epochs)
+  if out["protected_vs_scratch"].get(last) != "above":
+    row = out["at_epochs"].get(last)
+    notes.append(
+        f"Against the paper: after {cfg.epochs} epochs the paper's protected "
+        f"denoiser stays far above scratch and the original "
+        f"({PAPER['protected']} vs {PAPER['scratch']} / {PAPER['original']} "
+        "MSE); here it is "
+        + (f"{_relation(out['protected_vs_scratch'][last])} scratch "
+           f"({row['protected']['mean']:.3f} vs {row['scratch']['mean']:.3f})"
+           if row else "not measured at that epoch")
+        + ": the suppression does not last that long.")
+  out["notes"] = notes
   for s in STARTS:
     run.figure(f"restricted denoising MSE (t <= {cfg.t_max}) after "
                f"{cfg.epochs} epochs, {s}", out["restricted_mse_after_finetune"]

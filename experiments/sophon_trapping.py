@@ -159,6 +159,23 @@ def notes(cfg: Config, rows: dict) -> list[str]:
                       for lab, dp in heads)
           + f"; intactness drop {_fmt(r['intactness_drop'])}; "
           f"{rb} of {n} logged updates rolled back.")
+  if "run_f" in rows:
+    d = rows["run_f"]["domains"]["noise_shift"]
+    p = d["after_finetune"]["protected"]
+    heads = [rec["delta_protected"][b]["mean"]
+             for lab, rec in d["grid_vs_scratch"].items()
+             if lab.endswith(" head") and
+             rec["delta_protected"][b]["mean"] is not None]
+    trapped = rows["run_f"]["verdicts"]["noise_shift"][
+        "full_finetuning_trapped"]
+    out.append(
+        f"The spec's run F {'is' if trapped else 'is NOT'} reproduced: full "
+        f"fine-tuning ends at {_fmt(p)} (the spec's single run: "
+        f"{SPEC_RUN_F['full_lr_0.01']:.2f}, at chance); the head-only attacks"
+        " end " + ("below" if heads and max(heads) < 0 else "at or above")
+        + " scratch (protected - scratch "
+        + ", ".join(f"{h:+.3f}" for h in heads) + "; the spec's head-only "
+        f"probe recovered to {SPEC_RUN_F['head_only_lr_0.01']:.2f}).")
   if "one_environment" in rows and "all_environments" in rows:
     t = rows["one_environment"]["verdicts"]["noise_shift"][
         "vs_scratch_per_attack"]

@@ -190,6 +190,49 @@ def test_imma_unrolled_is_the_one_step_hypergradient(first_order):
                   modes=("rev",), eps=1e-5)
 
 
+@pytest.mark.parametrize("upper_at", ["final", "every_step"])
+def test_unrolled_adam_lower_level_is_the_hand_unrolled_hypergradient(
+    upper_at):
+  """An Adam attacker unrolled for K = 3 steps (second order): the update is
+  SGD on the hypergradient of a hand-written Python loop of optax.adam --
+  the upper loss read after step K, or averaged over steps 0..K."""
+  _, loss = toy()
+  alpha, eta, k = 0.05, 0.1, 3
+  adam = lambda lr: optax.adam(lr, eps_root=1e-16)
+  imm = imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=alpha,
+                  inner_optimizer=adam, optimizer=optax.sgd(eta),
+                  upper_at=upper_at)
+  params, batch = toy(4)[0], toy_batch(11, 1, k=k)
+
+  def objective(p):
+    opt = adam(alpha)
+    q, s, terms = p, opt.init(p), []
+    up = jax.tree_util.tree_map(lambda a: a[0], batch["upper"])
+    for t in range(k + 1):
+      terms.append(-loss(q, up) + loss(q, batch["prior"]))
+      if t < k:
+        low = jax.tree_util.tree_map(lambda a: a[0, t], batch["lower"])
+        u, s = opt.update(jax.grad(loss)(q, low), s, q)
+        q = optax.apply_updates(q, u)
+    return terms[-1] if upper_at == "final" else sum(terms) / (k + 1)
+
+  got, m = first_update(imm, params, batch)
+  g = jax.grad(objective)(params)
+  for name in ("to_k", "to_q"):
+    np.testing.assert_allclose(
+        got["attn2"][name]["kernel"],
+        params["attn2"][name]["kernel"] - eta * g["attn2"][name]["kernel"],
+        rtol=1e-8, atol=1e-12)
+  assert np.isfinite(float(m["upper_loss"]))
+  with pytest.raises(ValueError, match="upper_at"):
+    imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=alpha,
+              optimizer=optax.sgd(eta), upper_at="sometimes")
+  with pytest.raises(ValueError, match="every_step"):
+    imma.imma(loss, upper=UPPER, lower=modes.full(), inner_lr=alpha,
+              optimizer=optax.sgd(eta), scheme="alternating",
+              upper_at="every_step")
+
+
 def test_mima_hypergradient_matches_finite_differences():
   params, loss = toy(3)
   _, _, keys, reg = merge_problem(2, n=2, t=1, d=4, m=12)

@@ -11,11 +11,15 @@ parameter set ``S^l``; MIMA fuses the concept copies with a
 Two ways to approximate it (spec ``imma_mima.md`` §2.2 and §2.4):
 
 * ``"unrolled"`` (the paper's Algorithm 1, default): each update copies
-  ``theta``, runs ``K`` plain-SGD steps of the lower level per concept with
-  the core's :func:`~immunojax.modes.adapt` (vmapped over concepts), merges
-  the copies, and differentiates the upper loss through the merge and the
-  inner steps (second order; ``first_order=True`` stops the inner
-  gradients, FOMAML-style). Only ``S^u`` is written back.
+  ``theta``, runs ``K`` steps of the lower level per concept with the
+  core's :func:`~immunojax.modes.adapt` (vmapped over concepts; plain SGD
+  as in the paper, or any ``inner_optimizer`` -- e.g. the attacker's Adam),
+  merges the copies, and differentiates the upper loss through the merge
+  and the inner steps (second order; ``first_order=True`` stops the inner
+  gradients, FOMAML-style). The upper loss is read after the ``K``-th step
+  (the paper) or averaged over the merged models after steps ``0..K``
+  (``upper_at="every_step"``, as SOPHON scores every step). Only ``S^u`` is
+  written back.
 * ``"alternating"`` (the released scripts): persistent, first order. Each
   update takes ``K`` lower steps on the *live* model (the merged leaves get
   ``Merge(theta, {theta - alpha g_n})``, the rest of ``S^l`` one
@@ -43,6 +47,7 @@ import optax
 
 from immunojax import _checks, masks, modes
 from immunojax.immunizer import Immunizer, descend
+from immunojax.optimizers import make_optimizer
 from immunojax.methods.imma.merge import Merge, single
 from immunojax.parallel.collectives import pmean
 
@@ -51,6 +56,8 @@ SCHEMES = ("unrolled", "alternating")
 Scheme = Literal["unrolled", "alternating"]
 PRIOR_AT = ("adapted", "released")
 PriorAt = Literal["adapted", "released"]
+UPPER_AT = ("final", "every_step")
+UpperAt = Literal["final", "every_step"]
 
 
 def _upper_loss(loss_fn, params, batch, prior_weight, ascent_bound=None,
@@ -126,10 +133,11 @@ def released(state: AlternatingState, upper_mask: PyTree) -> PyTree:
 def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
          upper, lower: modes.AttackerMode, inner_lr: float,
          optimizer: optax.GradientTransformation,
-         inner_optimizer: optax.GradientTransformation | None = None,
+         inner_optimizer=None,
          scheme: Scheme = "unrolled", first_order: bool = False,
          prior_weight: float = 1.0, ascent_bound: float | None = None,
-         prior_at: PriorAt = "adapted", remat: bool | str = False,
+         prior_at: PriorAt = "adapted", upper_at: UpperAt = "final",
+         remat: bool | str = False,
          axis_name: str | None = None,
          concept_map: Callable = jax.vmap) -> Immunizer:
   """MIMA (or IMMA with ``merge=single()``) as an Immunizer.
@@ -142,13 +150,18 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
     lower: the simulated attacker's :class:`~immunojax.modes.AttackerMode`
       (``S^l``); ``"alternating"`` needs one that moves the parameters
       themselves (``full`` / ``masked`` / ``head``), not adapters.
-    inner_lr: ``alpha``, the lower level's SGD step (both schemes use it for
-      the copies the merge sees).
+    inner_lr: ``alpha``, the lower level's rate (both schemes use it for the
+      copies the merge sees).
     optimizer: the upper optimizer on ``S^u`` (as released: clip 1.0, AdamW
       with weight decay 1e-2).
-    inner_optimizer: ``"alternating"`` only: the persistent optimizer of the
-      unmerged ``S^l`` leaves (default AdamW(inner_lr, wd 1e-2), as
-      released).
+    inner_optimizer: ``"unrolled"``: the simulated attacker's optimizer for
+      the ``K`` unrolled steps, any value
+      :func:`immunojax.optimizers.make_optimizer` takes, at ``inner_lr``
+      (default plain SGD, the paper; ``"adam"`` simulates an Adam attacker --
+      for second order prefer ``lambda lr: optax.adam(lr, eps_root=1e-16)``,
+      whose derivative stays finite where a gradient is exactly 0).
+      ``"alternating"``: the persistent optax optimizer of the unmerged
+      ``S^l`` leaves (default AdamW(inner_lr, wd 1e-2), as released).
     scheme: ``"unrolled"`` (the paper) or ``"alternating"`` (the code).
     first_order: ``"unrolled"`` only: stop gradients through the inner
       gradients.
@@ -162,6 +175,11 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
       objective) or ``"released"`` (the parameters being trained, the
       model a user receives: the adapted copies cannot hide a released
       model that lost the prior).
+    upper_at: ``"unrolled"`` only: where the ascended loss is read --
+      ``"final"`` (after the ``K``-th inner step, the paper) or
+      ``"every_step"`` (the mean over the merged models after steps
+      ``0..K``: a model that is protected only after exactly ``K`` steps,
+      or only before any, scores badly).
     remat: passed to the inner fine-tuning (``"unrolled"``).
     axis_name: every batch's rows are spread over this named axis: the
       lower level's and the upper level's gradients are averaged over it,
@@ -174,12 +192,15 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
   _checks.check_choice(scheme, SCHEMES, "scheme")
   _check_bound(ascent_bound)
   _checks.check_choice(prior_at, PRIOR_AT, "prior_at")
+  _checks.check_choice(upper_at, UPPER_AT, "upper_at")
   if not inner_lr >= 0:
     raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
   if scheme == "unrolled":
-    return _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer,
+    inner = (optax.sgd(inner_lr) if inner_optimizer is None
+             else make_optimizer(inner_optimizer, inner_lr))
+    return _unrolled(loss_fn, merge, upper, lower, inner, optimizer,
                      first_order, prior_weight, ascent_bound, prior_at,
-                     remat, axis_name, concept_map)
+                     upper_at, remat, axis_name, concept_map)
   if lower.name not in ("full", "masked", "head"):
     raise ValueError(f"scheme 'alternating' moves the live parameters; lower "
                      f"mode {lower.name!r} trains separate adapters (use "
@@ -187,6 +208,10 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
   if prior_at != "adapted":
     raise ValueError("prior_at='released' applies to scheme 'unrolled' only "
                      "(the alternating scheme reads it at the live model)")
+  if upper_at != "final":
+    raise ValueError("upper_at='every_step' applies to scheme 'unrolled' "
+                     "only (the alternating scheme reads the upper loss once, "
+                     "after its lower steps)")
   if first_order is not False or remat is not False:
     raise ValueError("first_order and remat apply to scheme 'unrolled' only "
                      "(the alternating scheme is first order)")
@@ -207,10 +232,13 @@ def imma(loss_fn: Callable[[PyTree, Any], jax.Array], **options
   return mima(loss_fn, merge=single(), **options)
 
 
-def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
-              prior_weight, ascent_bound, prior_at, remat, axis_name,
-              concept_map):
-  inner = optax.sgd(inner_lr)
+def _unrolled(loss_fn, merge, upper, lower, inner, optimizer, first_order,
+              prior_weight, ascent_bound, prior_at, upper_at, remat,
+              axis_name, concept_map):
+  # every_step: the model after each inner step (steps 0..K) comes back as
+  # the fine-tuning's evaluations, leaves (K + 1, ...) per concept.
+  trace = ({"eval_fn": lambda q: q, "eval_every": 1}
+           if upper_at == "every_step" else {})
 
   def direction(params, batch, key):
     n = jax.tree_util.tree_leaves(batch["lower"])[0].shape[0]
@@ -219,12 +247,22 @@ def _unrolled(loss_fn, merge, upper, lower, inner_lr, optimizer, first_order,
       def adapt_one(b, k):
         return modes.adapt(lower, p, loss_fn, inner, b, key=k,
                            first_order=first_order, remat=remat,
-                           axis_name=axis_name, check_finite=False)
+                           axis_name=axis_name, check_finite=False, **trace)
       res = concept_map(adapt_one)(batch["lower"], jax.random.split(key, n))
-      merged = merge.apply(p, res.params)
-      total, metrics = _upper_loss(
-          loss_fn, merged, batch, prior_weight, ascent_bound,
-          p if prior_at == "released" else None)
+
+      def upper_loss(copies):            # copies: leaves (N, ...)
+        return _upper_loss(loss_fn, merge.apply(p, copies), batch,
+                           prior_weight, ascent_bound,
+                           p if prior_at == "released" else None)
+
+      if upper_at == "final":
+        total, metrics = upper_loss(res.params)
+      else:
+        steps_first = jax.tree_util.tree_map(
+            lambda a: jnp.swapaxes(a, 0, 1), res.evals)
+        totals, per_step = jax.lax.map(upper_loss, steps_first)
+        total = jnp.mean(totals)
+        metrics = jax.tree_util.tree_map(jnp.mean, per_step)
       return total, {"inner_loss": jnp.mean(res.metrics["loss"]), **metrics}
 
     (_, metrics), g = jax.value_and_grad(objective, has_aux=True)(params)
