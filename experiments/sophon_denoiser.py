@@ -174,10 +174,9 @@ def aggregate(cfg: Config, runs: list[dict]) -> dict:
   verdict = {}
   for e, row in at.items():
     p, sc = row["protected"], row["scratch"]
-    band = 2 * max(p["std"], sc["std"])
-    verdict[e] = ("above" if p["mean"] - sc["mean"] > band else
-                  "below" if sc["mean"] - p["mean"] > band else
-                  "no difference")
+    verdict[e] = ("no difference" if not ev_curves.differs(p, sc) else
+                  "above" if p["mean"] > sc["mean"] else "below")
+  end = lambda s: {"mean": curves[s]["mean"][-1], "std": curves[s]["std"][-1]}
   orig = {s: _stats([r["original_test_mse"][s] for r in runs])
           for s in ("original", "protected")}
   early = [str(e) for e in cfg.report_epochs if e in (1, 5)]
@@ -202,8 +201,8 @@ def aggregate(cfg: Config, runs: list[dict]) -> dict:
               orig["protected"]["mean"] <= 1.1 * orig["original"]["mean"],
           f"protected above scratch and original after {cfg.epochs} "
           "epochs (2 sd)": verdict.get(str(cfg.epochs)) == "above" and all(
-              curves["protected"]["mean"][-1] - curves[s]["mean"][-1]
-              > 2 * max(curves["protected"]["std"][-1], curves[s]["std"][-1])
+              ev_curves.differs(end("protected"), end(s))
+              and end("protected")["mean"] > end(s)["mean"]
               for s in ("scratch", "original"))}}
 
 
