@@ -8,6 +8,69 @@ from experiments._rundir import jsonable
 from immunojax.eval.curves import select
 
 
+# One look per reference model and one colour per method in every plot: the
+# undefended original solid blue, scratch (random init) dashed black, a model
+# that never saw the harmful data dotted green, thick and translucent when
+# drawn behind a method's curve.
+REFERENCES = {
+    "original": {"color": "tab:blue", "ls": "-",
+                 "label": "original (undefended)"},
+    "scratch": {"color": "k", "ls": "--", "label": "scratch (random init)"},
+    "never_saw": {"color": "tab:green", "ls": ":",
+                  "label": "never saw the harmful data"},
+}
+ALIASES = {"U": "original", "none": "original", "identity": "original",
+           "theta0": "original", "pretrained": "original", "S": "scratch",
+           "N": "never_saw"}
+METHOD_COLORS = {
+    "protected": "tab:red", "sophon": "tab:red",
+    "cond_num": "tab:purple", "opt_kappa": "tab:pink",
+    "r_ill_only": "tab:olive", "probe_ascent": "tab:cyan",
+    "label_kappa": "tab:brown",
+    "gs_lora": "tab:orange", "gs_lora_seq": "tab:orange",
+    "gs_lora_pp": "tab:brown",
+    "imma": "tab:olive", "imma_sequential": "tab:olive",
+    "imma_joint": "tab:cyan", "mima": "tab:purple",
+    "mima_average_merge": "tab:pink", "max": "tab:gray",
+    "benign_finetune": "tab:gray",
+}
+
+
+def style(name: str) -> dict:
+  """``plot`` keywords for a reference (its fixed colour, line style and
+  label) or a method (its colour, solid), by the names experiments use."""
+  ref = REFERENCES.get(ALIASES.get(name, name))
+  if ref is not None:
+    return dict(ref)
+  return {"color": METHOD_COLORS.get(name, "tab:gray"), "ls": "-",
+          "label": name}
+
+
+def claim_title(target, text: str, *, width: int = 90,
+                fontsize: int = 9) -> None:
+  """Titles a figure (``suptitle``) or an axes with the claim it tests,
+  wrapped to ``width`` characters."""
+  import textwrap  # noqa: PLC0415
+  wrapped = textwrap.fill(text, width)
+  if hasattr(target, "suptitle"):
+    target.suptitle(wrapped, fontsize=fontsize)
+  else:
+    target.set_title(wrapped, fontsize=fontsize)
+
+
+def mean_sd_curves(ax, x, curves: dict, curves_sd: dict | None = None,
+                   names=None, marker: str = "o") -> None:
+  """Mean curves (± sd bands where ``curves_sd`` has them) of ``names``
+  (default: every key of ``curves``) in :func:`style`'s looks."""
+  for n in names or list(curves):
+    st = style(n)
+    m = np.asarray(curves[n], float)
+    ax.plot(x, m, marker=marker, ms=3, **st)
+    if curves_sd is not None and n in curves_sd:
+      sd = np.asarray(curves_sd[n], float)
+      ax.fill_between(x, m - sd, m + sd, color=st["color"], alpha=0.15)
+
+
 def attack_curves(run, curves, name: str = "attack_curves", *,
                   ylabel: str = "test metric", title: str = "") -> None:
   """One panel per start point: every attack's curve, best one bold (with a

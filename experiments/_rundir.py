@@ -185,7 +185,7 @@ def _remove_run(out: Path) -> None:
 
 def _versions() -> dict:
   import jax  # noqa: PLC0415
-  out = {"jax": jax.__version__}
+  out = {"immunojax": _git_commit(), "jax": jax.__version__}
   for mod in ("flax", "optax", "orbax.checkpoint", "numpy"):
     try:
       out[mod] = __import__(mod, fromlist=["_"]).__version__
@@ -194,9 +194,36 @@ def _versions() -> dict:
   return out
 
 
+def _git_commit() -> str | None:
+  """The checkout's commit (``+dirty`` with uncommitted changes to tracked
+  files); None outside a git checkout."""
+  import subprocess  # noqa: PLC0415
+  here = Path(__file__).resolve().parent
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"],
+                          cwd=here, capture_output=True, text=True,
+                          timeout=10)
+    if head.returncode:
+      return None
+    dirty = subprocess.run(["git", "status", "--porcelain",
+                            "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=10)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
 SMOKE_BANNER = ("**Smoke size (`--quick`): the pipeline runs, the numbers "
                 "mean nothing.** No paper figure stands beside them; run the "
                 "full size for figures to compare.")
+
+
+def claim_line(c: dict, *, quick: bool = False) -> str:
+  """One claim as a markdown bullet: the verdict first, then the claim,
+  the reason and the figure (a smoke-size verdict says so)."""
+  tag = " (smoke size)" if quick else ""
+  return (f"- **{c['verdict']}**{tag}: {c['claim']} — {c['reason']} "
+          f"({c['figure']})")
 
 
 def run_report(summary: dict, out: Path) -> str:
@@ -219,6 +246,10 @@ def run_report(summary: dict, out: Path) -> str:
               f"{f.get('note', '')} |" for f in summary.get("figures", [])]
   for t in summary.get("tables") or []:      # [{"title", "markdown"}]
     lines += ["", f"## {t['title']}", "", t["markdown"].rstrip()]
+  claims = summary.get("claims") or []
+  if claims:
+    lines += ["", "## Claims", ""] + [claim_line(c, quick=summary.get("quick"))
+                                      for c in claims]
   targets = summary.get("targets")
   if isinstance(targets, dict) and targets:
     lines += ["", "## Targets", ""] + [

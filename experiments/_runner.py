@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from experiments import _config
+from experiments import _claims, _config
 from experiments._checkpoints import Checkpoints
 from experiments._errors import DivergedError
 from experiments._rundir import (RunOptions, fingerprint, jsonable,
@@ -262,6 +262,10 @@ class Run:
     summary["quick"] = self.options.quick
     summary["figures"] = self.figures
     summary["wall_seconds"] = time.perf_counter() - self._start
+    if "claims" not in summary:
+      raise ValueError(f"{self.name}: the summary has no 'claims' (the "
+                       "paper's claims with verdicts, experiments._claims)")
+    summary["claims"] = _claims.check(summary["claims"])
     if self.primary:
       write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
       write_atomic(self.out / "report.md", run_report(summary, self.out))

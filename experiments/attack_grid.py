@@ -20,7 +20,7 @@ from typing import Literal
 import jax.numpy as jnp
 from flax import nnx
 
-from experiments import _cli, _config, _plots, _pretrain, _runner
+from experiments import _claims, _cli, _config, _plots, _pretrain, _runner
 from immunojax import attacks, data, lora, losses, models
 
 
@@ -107,7 +107,24 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
              summary["pretrained"].get("finetune_overhead_vs_scratch"),
              note=f"steps to {cfg.threshold:.0%} accuracy, ratio")
   run.figure("D_P test accuracy of the pre-trained model", dp_acc)
-  return {"num_attacks": len(grid), "dp_accuracy": dp_acc, "attacks": summary}
+  return {"num_attacks": len(grid), "dp_accuracy": dp_acc, "attacks": summary,
+          "claims": claims(summary, budget)}
+
+
+def claims(summary: dict, budget: str) -> list[dict]:
+  """The premise every defense rests on, graded on this grid."""
+  pre, scr = summary["pretrained"], summary["scratch"]
+  t_pre, t_scr = pre["steps_to_threshold"], scr["steps_to_threshold"]
+  best = lambda s: s["within_budget"][budget]["metric"]
+  return [_claims.graded(
+      "No paper (the harness): an undefended pre-trained model is a head "
+      "start for the attacker — its best attack reaches the threshold in "
+      "fewer steps than from scratch, and ends at least as high",
+      {"fewer steps to the threshold":
+       None if t_pre is None else (t_scr is None or t_pre < t_scr),
+       f"best accuracy at {budget} steps ≥ scratch's": best(pre) >= best(scr)},
+      figure=f"steps to threshold {t_pre} vs scratch {t_scr}; best accuracy "
+      f"{_claims.num(best(pre))} vs {_claims.num(best(scr))}")]
 
 
 main = _cli.entry_point("attack_grid", Config, experiment, quick=QUICK,

@@ -40,7 +40,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _options, _pretrain, _runner
+from experiments import (_claims, _cli, _config, _options, _plots, _pretrain,
+                         _runner)
 from immunojax import attacks, data, losses, masks, models, spectral
 from immunojax.eval import mean_std, probes, steps_to_threshold
 from immunojax.methods import cond_num
@@ -273,6 +274,43 @@ def slower_than_theta0(probe: dict, name: str) -> dict:
   return out
 
 
+KEPT_POINTS = 2.0    # "D_P accuracy kept": within 2 points of θ_0's
+
+
+def claims(methods: dict, probe: dict) -> list[dict]:
+  """Table 3's and Fig. 3's claims for ``cond_num``, graded on this run
+  (means over seeds; pinv κ)."""
+  ours = methods.get("cond_num")
+  if ours is None:
+    return [_claims.claim("Table 3 / Fig. 3 (cond_num)", _claims.UNMEASURED,
+                          "cond_num not run", "—")]
+  rir = ours["rir_theta0"]["pinv"]["mean"]
+  drop = 100 * (methods["theta0"]["dp_accuracy"]["mean"]
+                - ours["dp_accuracy"]["mean"])
+  slow = slower_than_theta0(probe, "cond_num")
+  return [
+      _claims.graded(
+          "Immunizing a deep feature extractor raises RIR_θ0 above 1 while "
+          "keeping its pre-training accuracy (Table 3)",
+          {"RIR_θ0 > 1": rir > 1,
+           f"D_P accuracy within {KEPT_POINTS:g} points of θ_0's":
+           drop <= KEPT_POINTS},
+          figure=f"RIR_θ0 {_claims.num(rir)} (pinv κ, mean over seeds), D_P "
+          f"accuracy {-drop:+.1f} points vs θ_0"),
+      _claims.graded(
+          "A linear probe learns the harmful task slower from the immunized "
+          "extractor than from θ_0 (Fig. 3)",
+          {f"slower under the {p} probe (beyond the seeds' spread)": s
+           for p, s in slow.items()},
+          figure=", ".join(
+              f"{p} early accuracy {_early(probe, p, 'cond_num')} vs θ_0 "
+              f"{_early(probe, p, 'theta0')}" for p in PROBES))]
+
+
+def _early(probe, p, start) -> str:
+  return _claims.num(probe[p][start]["early_test_accuracy"]["mean"])
+
+
 def findings(cfg: Config, methods: dict, probe: dict, gram: dict) -> list[str]:
   out = []
   g0 = gram["theta0"]
@@ -336,7 +374,8 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
               for s in range(cfg.num_seeds)]
   methods, probe, gram = aggregate(per_seed, cfg)
   run.write_json("probe_curves.json", probe)
-  _plot_probes(run, cfg, probe)
+  cl = claims(methods, probe)
+  _plot_probes(run, cfg, probe, cl[-1]["claim"])
   seeds = f"{cfg.num_seeds} seeds"
   for m in cfg.methods:
     r = methods[m]
@@ -377,6 +416,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                f"{seeds}; higher = slower")
   return {"methods": methods, "probe": probe, "harmful_gram": gram,
           "paper_rir_theta0": PAPER, "preamble": list(PREAMBLE),
+          "claims": cl,
           "notes": [
               "Regularizer directions: " + ("unit-normalized (ours)"
                                             if cfg.normalize else
@@ -393,13 +433,13 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
               for m in cfg.methods}}
 
 
-def _plot_probes(run, cfg, probe):
+def _plot_probes(run, cfg, probe, claim: str = ""):
   fig, axes = run.new_figure(ncols=4, figsize=(18, 3.9))
   titles = {"line_search": "ℓ2 probe, exact line search",
             "tuned_sgd": "softmax probe, SGD (best lr per start)",
             "tuned_adam": "softmax probe, Adam (best lr per start)"}
   names = list(probe["line_search"])
-  colors = {n: f"C{i}" for i, n in enumerate(names)}
+  colors = {n: _plots.style(n)["color"] for n in names}
   for ax, p in zip(axes, PROBES):
     for n in names:
       q = probe[p][n]
@@ -422,6 +462,8 @@ def _plot_probes(run, cfg, probe):
   axes[3].set(title="ℓ2 probe: ||w_t − w*||² / ||w*||²", xlabel="probe step")
   axes[3].legend(fontsize=7)
   axes[3].grid(alpha=0.3)
+  if claim:
+    _plots.claim_title(fig, claim)
   run.save_figure(fig, "probe_curves")
 
 

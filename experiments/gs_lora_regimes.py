@@ -32,7 +32,7 @@ import dataclasses
 
 import numpy as np
 
-from experiments import _cli, _config, _options, _runner
+from experiments import _claims, _cli, _config, _options, _runner
 from experiments import gs_lora_digits as gsd
 
 PAPER_FEW_SHOT_ACC_F = {"gs_lora": 14.29, "gs_lora_pp": 0.15}   # task 1, %
@@ -180,6 +180,40 @@ def targets(agg: dict) -> dict:
   return out
 
 
+def claims(agg: dict) -> list[dict]:
+  """The paper's forgetting claims across regimes and its few-shot
+  GS-LoRA++ claim, graded on this run's targets (3 seeds)."""
+  t = agg["targets"]
+  worst = {}
+  for regime, ch in agg["alpha_by_regime"].items():
+    row = agg["alpha_sweep"][regime][ch["forget"]][f"{ch['alpha']:g}"]
+    worst[regime] = (f"{regime} {max(row['acc_f']['mean']):.2f} % "
+                     f"({ch['forget']}, α {ch['alpha']:g})")
+  hard = agg["few_shot_hard"]
+  key = next(k for k in t if k.startswith("hard few-shot"))
+  return [
+      _claims.graded(
+          "GS-LoRA forgets the requested classes task after task with all "
+          "replay data, with few shots and with classes missing from the "
+          "replay data, keeping the retained ones (Tables 3, 5)",
+          {k.replace(" (chosen setting)", ""): v for k, v in t.items()
+           if not k.startswith("hard few-shot")},
+          figure="worst-task Acc_f at the chosen setting: "
+          + "; ".join(worst.values()) + " (mean over seeds)"),
+      _claims.graded(
+          "With few shots GS-LoRA++ forgets better than GS-LoRA "
+          "(Table 3's few-shot block)",
+          {"GS-LoRA++ Acc_f lower by > 2 sd wherever GS-LoRA leaves > 5 %":
+           t[key]},
+          figure="Acc_f per task GS-LoRA " + ", ".join(
+              _fmt(m, s_) for m, s_ in zip(hard["gs_lora"]["acc_f"]["mean"],
+                                           hard["gs_lora"]["acc_f"]["sd"]))
+          + " vs GS-LoRA++ " + ", ".join(
+              _fmt(m, s_) for m, s_ in zip(
+                  hard["gs_lora_pp"]["acc_f"]["mean"],
+                  hard["gs_lora_pp"]["acc_f"]["sd"])) + " %")]
+
+
 def hard_verdict(hard: dict) -> dict:
   """Per task: GS-LoRA++'s Acc_f below GS-LoRA's by more than 2 sd (the
   larger of the two sds), "no difference" inside it, or "above"."""
@@ -274,6 +308,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
     run.figure(f"chosen forget term, {regime}", ch["forget"],
                note=ch["rule"])
   agg["targets"] = targets(agg)
+  agg["claims"] = claims(agg)
   for k, v in agg["targets"].items():
     run.print(f"  target {k}: {'met' if v else 'MISSED'}")
   hard = agg["few_shot_hard"]

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _pretrain, _runner
+from experiments import _claims, _cli, _config, _plots, _pretrain, _runner
 from immunojax import attacks, data, diffusion, lora, models, modes
 from immunojax.data import prompts
 from immunojax.immunizer import supervised
@@ -498,6 +498,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
       "paper": {"imma_table1_sgr": PAPER_IMMA_SGR,
                 "mima_tables": "not available (spec §3.3)"}})
   out["targets"] = targets(cfg, out)
+  out["claims"] = claims(out)
   out["notes"] = notes(cfg, out)
   figures(cfg, run, out)
   plot(cfg, run, out)
@@ -560,6 +561,40 @@ def targets(cfg, out) -> dict:
           "none_relearns_every_concept": bool(all(
               ms["none"]["attacks"][a]["worst_concept_accuracy"] >= 0.5
               for a in ms["none"]["attacks"]))}
+
+
+def claims(out) -> list[dict]:
+  """MIMA's and IMMA's claims, graded on this run's targets (one seed)."""
+  t, ms = out["targets"], out["methods"]
+  attacks_ = list(ms["none"]["attacks"])
+  mean_worst = {m: float(np.mean([ms[m]["attacks"][a]["worst_concept_accuracy"]
+                                  for a in attacks_])) for m in ms}
+  n = _claims.num
+  return [
+      _claims.graded(
+          "Immunizing the erased concepts keeps fine-tuning from re-learning "
+          "them: after each attack MIMA's concept accuracy stays well below "
+          "the erased-only model's (MIMA Fig. 1)",
+          {"the erased model re-learns every concept (≥ 0.5)":
+           t["none_relearns_every_concept"],
+           "MIMA ≤ half the erased model's accuracy wherever it re-learned":
+           t["mima_well_below_none_at_every_checkpoint"]},
+          figure=f"mean worst-concept accuracy over {len(attacks_)} attacks: "
+          f"MIMA {n(mean_worst['mima'])}, erased only {n(mean_worst['none'])}"
+          " (one seed)"),
+      _claims.graded(
+          "Immunizing the concepts jointly (MIMA) protects better than one "
+          "after another (sequential IMMA)",
+          {"MIMA's worst concept below sequential IMMA's in every attack":
+           t["mima_beats_imma_sequential_on_worst_concept"]},
+          figure=f"mean worst-concept accuracy MIMA {n(mean_worst['mima'])} "
+          f"vs sequential IMMA {n(mean_worst['imma_sequential'])}"),
+      _claims.graded(
+          "Immunization keeps the model's other concepts",
+          {"MIMA's retention within 5 % of the erased model's":
+           t["mima_retention_within_5pct_of_erased"]},
+          figure=f"retention MIMA {n(ms['mima']['retention_accuracy'])} vs "
+          f"erased {n(ms['none']['retention_accuracy'])}")]
 
 
 def notes(cfg, out) -> list[str]:
@@ -642,18 +677,20 @@ def plot(cfg, run, out):
   fig, axes = run.new_figure(nrows=rows, ncols=cols,
                              figsize=(5.0 * cols, 3.2 * rows), squeeze=False)
   steps = out["attack_steps"]
-  colors = dict(zip(METHODS, ("k", "tab:gray", "tab:orange", "tab:green",
-                              "tab:red", "tab:purple")))
   for ax, a in zip(axes.ravel(), attack_names):
     for m in METHODS:
       acc = np.asarray(list(ms[m]["attacks"][a]["concept_accuracy"].values()))
-      ax.plot(steps, np.nanmax(acc, axis=0), color=colors[m], label=m)
-    ax.set(title=a, xlabel="attack step", ylabel="worst-concept accuracy",
-           ylim=(-0.02, 1.02))
+      st = _plots.style(m)
+      if m == "none":
+        st["label"] = "erased only (no immunization)"
+      ax.plot(steps, np.nanmax(acc, axis=0), **st)
+    ax.set(title=a, xlabel="attack step",
+           ylabel="worst-concept sample accuracy", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
   axes.ravel()[0].legend(fontsize=7)
   for ax in axes.ravel()[len(attack_names):]:
     ax.axis("off")
+  _plots.claim_title(fig, out["claims"][0]["claim"])
   run.save_figure(fig, "concept_accuracy")
 
 

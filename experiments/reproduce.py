@@ -1,8 +1,13 @@
 """Run every experiment module, then the dashboard.
 
-  python -m experiments.reproduce [--quick] [--out DIR] [--data-dir DIR]
+  python -m experiments.reproduce [--size quick|showcase|full] [--out DIR]
+                                  [--data-dir DIR]
 
-Each experiment runs in its own process (so one failure does not stop the
+Sizes: ``quick`` checks the pipeline (smoke: its numbers mean nothing);
+``showcase`` runs each experiment at the smallest size whose verdicts on
+its paper's claims equal the full run's (experiments._catalog says which
+options, and why); ``full`` is every experiment's own default. Each
+experiment runs in its own process (so one failure does not stop the
 rest); an experiment whose data is missing is skipped with the reason.
 """
 
@@ -16,33 +21,24 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import report
+from experiments import _catalog, report
 from experiments._rundir import write_atomic
 
-# Grows as method issues land. (module, needs --data-dir)
-EXPERIMENTS: list[tuple[str, bool]] = [
-    ("quadratic", False),
-    ("attack_grid", False),
-    ("house_price", True),
-    ("digit_pairs", False),
-    ("deep_immunization", False),
-    ("sophon_digits", False),
-    ("sophon_denoiser", False),
-    ("sophon_trapping", False),
-    ("gs_lora_digits", False),
-    ("gs_lora_relearning", False),
-    ("gs_lora_regimes", False),
-    ("mima_digits", False),
-    ("cross_defense", False),
-]
+# (module, needs --data-dir), in the order they run: experiments._catalog.
+EXPERIMENTS: list[tuple[str, bool]] = [(e.module, e.needs_data)
+                                       for e in _catalog.EXPERIMENTS]
+SIZES = ("quick", "showcase", "full")
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m experiments.reproduce",
                               description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true")
-  p.add_argument("--out", type=Path,
-                 default=Path("results") / f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}")
+  p.add_argument("--size", choices=SIZES, default=None,
+                 help="quick (smoke), showcase (the full runs' verdicts, "
+                 "smallest size) or full [default: showcase]")
+  p.add_argument("--quick", action="store_true", help="= --size quick")
+  p.add_argument("--out", type=Path, default=None,
+                 help="[default: results/reproduce-<size>-<timestamp>]")
   p.add_argument("--data-dir", type=Path, default=None,
                  help="house-price CSV folder (e.g. ../shared/data/house_price)")
   p.add_argument("--only", default=None, help="comma-separated module names")
@@ -52,6 +48,13 @@ def main(argv=None) -> int:
                  help="passed to every experiment: compile every program "
                  "afresh (default: JAX's persistent compilation cache)")
   args = p.parse_args(argv)
+  if args.quick and args.size not in (None, "quick"):
+    p.error(f"--quick and --size {args.size} contradict each other")
+  size = "quick" if args.quick else args.size or "showcase"
+  args.quick = size == "quick"
+  if args.out is None:
+    args.out = (Path("results")
+                / f"reproduce-{size}-{time.strftime('%Y%m%d-%H%M%S')}")
   if args.devices < 1:
     p.error("--devices must be >= 1")
   only = set(args.only.split(",")) if args.only else None
@@ -70,15 +73,12 @@ def main(argv=None) -> int:
     if reason:
       print(f"[reproduce] skip {name}: {reason}", flush=True)
       skips.append({"experiment": name, "reason": reason,
-                    "command": f"python -m experiments.{name}"
-                    + (" --data-dir ../shared/data/house_price"
-                       if needs_data else "")
-                    + (" --quick" if args.quick else "")})
+                    "command": _catalog.command(_catalog.BY_MODULE[name],
+                                                size)})
       continue
     cmd = [sys.executable, "-m", f"experiments.{name}", "--out",
            str(args.out / name), "--overwrite", "--quiet"]
-    if args.quick:
-      cmd.append("--quick")
+    cmd += _catalog.size_args(_catalog.BY_MODULE[name], size)
     if args.devices > 1:
       cmd += ["--devices", str(args.devices)]
     if args.no_compile_cache:
@@ -91,9 +91,11 @@ def main(argv=None) -> int:
     print(f"[reproduce] {name}: exit {rc} in {time.perf_counter() - t:.1f} s",
           flush=True)
     if rc:
-      failures.append(name)
+      failures.append({"experiment": name, "exit": rc,
+                       "command": " ".join(["python"] + cmd[1:])})
   args.out.mkdir(parents=True, exist_ok=True)
   write_atomic(args.out / report.SKIPPED, json.dumps(skips, indent=2))
+  write_atomic(args.out / report.FAILED, json.dumps(failures, indent=2))
   report.main([str(args.out)])
   wall = time.perf_counter() - started
   if cache is None:
@@ -103,9 +105,11 @@ def main(argv=None) -> int:
     state = (f"compile cache {'warm' if cached_before else 'cold'} "
              f"({cached_before} programs cached before, {added} added; "
              f"{cache})")
-  print(f"[reproduce] wall time {wall:.1f} s; {state}", flush=True)
+  print(f"[reproduce] size {size}: wall time {wall:.1f} s; {state}",
+        flush=True)
   if failures:
-    print(f"[reproduce] failed: {failures}", file=sys.stderr)
+    print(f"[reproduce] failed: {[f['experiment'] for f in failures]}",
+          file=sys.stderr)
     return 1
   return 0
 

@@ -35,7 +35,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _options, _pretrain, _runner
+from experiments import (_claims, _cli, _config, _options, _plots, _pretrain,
+                         _runner)
 from immunojax import attacks, data, losses, models
 from immunojax.data import diffusion, domains as doms
 from immunojax.eval import curves as ev_curves
@@ -181,7 +182,28 @@ def aggregate(cfg: Config, runs: list[dict]) -> dict:
           for s in ("original", "protected")}
   early = [str(e) for e in cfg.report_epochs if e in (1, 5)]
   after = {s: curves[s]["mean"][-1] for s in STARTS}
+  final_above = {s: _claims.relation(end("protected"), end(s)) == "above"
+                 for s in ("scratch", "original")}
+  claims = [
+      _claims.graded(
+          "Fine-tuning the protected denoiser on the restricted domain "
+          "leaves its MSE above fine-tuning from scratch or from the "
+          "original model (§6)",
+          {**{f"above scratch after {e} epoch(s)": v == "above"
+              for e, v in verdict.items()},
+           **{f"above {s} at the end": v for s, v in final_above.items()}},
+          figure="; ".join(
+              f"epoch {e}: protected {_claims.mean_sd(at[e]['protected'])} "
+              f"vs scratch {_claims.mean_sd(at[e]['scratch'])}" for e in at)
+          + " (restricted-domain MSE, t ≤ 250)"),
+      _claims.graded(
+          "The protected denoiser keeps the original domain",
+          {"original-domain MSE within 10 % of the original's":
+           orig["protected"]["mean"] <= 1.1 * orig["original"]["mean"]},
+          figure=f"MSE protected {_claims.mean_sd(orig['protected'])} vs "
+          f"original {_claims.mean_sd(orig['original'])}")]
   return {
+      "claims": claims,
       "curves": {s: curves[s]["mean"] for s in STARTS},
       "curves_sd": {s: curves[s]["std"] for s in STARTS},
       "epochs": list(range(cfg.epochs + 1)),
@@ -272,17 +294,11 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
 def _plot(cfg: Config, run: _runner.Run, out: dict) -> None:
   fig, ax = run.new_figure(figsize=(5.5, 3.8))
   x = np.asarray(out["epochs"])
-  for s, c, ls in (("scratch", "k", "--"), ("original", "tab:blue", "-"),
-                   ("protected", "tab:red", "-")):
-    m, sd = np.asarray(out["curves"][s]), np.asarray(out["curves_sd"][s])
-    ax.plot(x, m, marker="o", ms=3, color=c, ls=ls, label=s)
-    ax.fill_between(x, m - sd, m + sd, color=c, alpha=0.15)
-  ax.axhline(1.0, color="gray", ls=":", lw=0.8, label="predicts zero")
+  _plots.mean_sd_curves(ax, x, out["curves"], out["curves_sd"], STARTS)
+  ax.axhline(1.0, color="gray", ls="-.", lw=0.8, label="predicts zero")
   ax.set(xlabel="fine-tuning epoch (Adam)",
-         ylabel=f"restricted test MSE (t <= {cfg.t_max})",
-         title="Is fine-tuning the protected denoiser on glyphs no easier "
-         "than from scratch?")
-  ax.title.set_fontsize(8)
+         ylabel=f"restricted test MSE (t ≤ {cfg.t_max})")
+  _plots.claim_title(ax, out["claims"][0]["claim"], width=70, fontsize=8)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   run.save_figure(fig, "finetune_mse")

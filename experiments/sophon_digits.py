@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _cli, _config, _options, _plots, _pretrain, _runner
+from experiments import _claims, _cli, _config, _options, _plots, _pretrain, _runner
 from immunojax import attacks, data, losses, models, parallel
 from immunojax import optimizers as _optimizers
 from immunojax.data import domains as doms
@@ -324,6 +324,41 @@ def summarise_domain(cfg, runs, name, grid, envs):
 STARTS = ("scratch", "original", "protected")
 
 
+INTACT_POINTS = 0.03    # "keeps the original domain": within 3 points
+
+
+def claims(out: dict) -> list[dict]:
+  """SOPHON's two classification claims (Table 2 and its intactness
+  column), graded on this run's protocol and grid (2-sd rule over seeds)."""
+  suppress, figures = {}, []
+  for name, d in out["domains"].items():
+    af = d["after_finetune"]
+    suppress[f"{name}: ends below scratch"] = \
+        _claims.relation(af["protected"], af["scratch"]) == "below"
+    suppress[f"{name}: below scratch − 2 sd at every epoch"] = \
+        d["protected_below_scratch_2sd_every_epoch"]
+    w = d.get("worst_case_transferring")
+    suppress[f"{name}: the strongest transferring grid attack (chosen on "
+             "validation) gains nothing over scratch"] = None if not w else \
+        w["delta_protected"]["mean"] <= 2 * (w["delta_protected"]["std"] or 0)
+    figures.append(f"{name}: protected {_claims.mean_sd(af['protected'])} "
+                   f"vs scratch {_claims.mean_sd(af['scratch'])}, original "
+                   f"{_claims.mean_sd(af['original'])}")
+  acc = out["original_accuracy"]
+  drop = acc["original"]["mean"] - acc["protected"]["mean"]
+  return [
+      _claims.graded(
+          "Fine-tuning the protected model on the restricted domain is no "
+          "better than training from scratch (§6)", suppress,
+          figure="; ".join(figures) + " (accuracy after fine-tuning)"),
+      _claims.graded(
+          "The protected model keeps its original-domain accuracy (§6)",
+          {f"within {100 * INTACT_POINTS:g} points of the original's":
+           drop <= INTACT_POINTS},
+          figure=f"protected {_claims.mean_sd(acc['protected'])} vs original "
+          f"{_claims.mean_sd(acc['original'])}")]
+
+
 def experiment(cfg: Config, run: _runner.Run) -> dict:
   original, restricted, guard = load_domains(cfg)
   runs, rate = [], None
@@ -406,6 +441,7 @@ def _report(cfg, run, out, rate):
                               for d in out["domains"].values())}
   for k, v in out["targets"].items():
     run.print(f"  target {k}: {'met' if v else 'MISSED'}")
+  out["claims"] = claims(out)
   notes = []
   c = out["calibration"]
   if c and c.get("met") is not None:
@@ -435,22 +471,18 @@ def _plot_protocol(run, out, cfg, rate):
   per_domain = out["domains"]
   fig, axes = run.new_figure(ncols=len(per_domain),
                              figsize=(5 * len(per_domain), 3.8), squeeze=False)
-  styles = {"scratch": ("k", "--"), "original": ("tab:blue", "-"),
-            "protected": ("tab:red", "-")}
   x = out["epochs"]
   for ax, (name, d) in zip(axes[0], per_domain.items()):
-    for s in STARTS:
-      c, ls = styles[s]
-      m, sd = np.asarray(d["curves"][s]), np.asarray(d["curves_sd"][s])
-      ax.plot(x, m, color=c, ls=ls, marker="o", ms=3, label=s)
-      ax.fill_between(x, m - sd, m + sd, color=c, alpha=0.15)
-    ax.axhline(0.1, color="gray", lw=0.8, ls=":", label="chance")
+    _plots.mean_sd_curves(ax, x, d["curves"], d["curves_sd"], STARTS)
+    ax.axhline(0.1, color="gray", lw=0.8, ls="-.", label="chance")
     ax.set(title=f"{name}: full fine-tuning, SGD mom 0.9, wd 1e-4, "
-           f"lr {rate:g} (mean +- sd, {cfg.seeds} seeds)", xlabel="epoch",
-           ylabel="restricted test accuracy", ylim=(0, 1))
+           f"lr {rate:g} (mean ± sd, {cfg.seeds} seeds)",
+           xlabel="fine-tuning epoch",
+           ylabel="restricted-domain test accuracy (fraction)", ylim=(0, 1))
     ax.title.set_fontsize(8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+  _plots.claim_title(fig, out["claims"][0]["claim"])
   run.save_figure(fig, "paper_protocol")
 
 

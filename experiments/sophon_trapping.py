@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from experiments import _cli, _config, _runner
+from experiments import _claims, _cli, _plots, _config, _runner
 from experiments import sophon_digits as sd
 from immunojax.eval import curves as ev_curves
 
@@ -125,6 +125,45 @@ def verdicts(cfg: Config, row: dict) -> dict:
   return out
 
 
+INTACT_POINTS = 0.03     # "no intactness loss": within 3 points
+
+
+def claims(rows: dict) -> list[dict]:
+  """The spec's run F claim and the paper's reason to simulate several
+  fine-tuning methods (§2.1), graded on this run's rows."""
+  def trapped(row):
+    return (rows[row]["verdicts"]["noise_shift"]["full_finetuning_trapped"]
+            if row in rows else None)
+
+  def ends(row):
+    if row not in rows:
+      return f"{row} not run"
+    a = rows[row]["domains"]["noise_shift"]["after_finetune"]
+    return (f"{row}: protected {_claims.mean_sd(a['protected'])} vs scratch "
+            f"{_claims.mean_sd(a['scratch'])}")
+
+  def intact(row):
+    return (rows[row]["intactness_drop"]["mean"] <= INTACT_POINTS
+            if row in rows else None)
+
+  return [
+      _claims.graded(
+          "The spec's run F: one simulated environment (full SGD at the "
+          "attacker's effective step) traps full fine-tuning at chance, with "
+          "no intactness loss", {"run F trapped": trapped("run_f"),
+                                 "run F intact": intact("run_f")},
+          figure=ends("run_f") + " (noise_shift accuracy after fine-tuning)"),
+      _claims.graded(
+          "Simulating several fine-tuning methods traps full fine-tuning "
+          "where one does not (§2.1)",
+          {"all environments trap it": trapped("all_environments"),
+           "one environment at the same rate does not":
+           None if trapped("one_environment") is None
+           else not trapped("one_environment"),
+           "all environments intact": intact("all_environments")},
+          figure=ends("all_environments") + "; " + ends("one_environment"))]
+
+
 def _fmt(s: dict) -> str:
   return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
@@ -196,21 +235,15 @@ def _plot(cfg: Config, run: _runner.Run, rows: dict) -> None:
   fig, axes = run.new_figure(ncols=len(panels),
                              figsize=(4.2 * len(panels), 3.6), squeeze=False,
                              sharey=True)
-  styles = {"scratch": ("k", "--"), "original": ("tab:blue", "-"),
-            "protected": ("tab:red", "-")}
   x = np.arange(cfg.epochs + 1)
   for ax, (row, name) in zip(axes[0], panels):
     d = rows[row]["domains"][name]
-    for s in sd.STARTS:
-      col, ls = styles[s]
-      m, sdv = np.asarray(d["curves"][s]), np.asarray(d["curves_sd"][s])
-      ax.plot(x, m, color=col, ls=ls, marker="o", ms=3, label=s)
-      ax.fill_between(x, m - sdv, m + sdv, color=col, alpha=0.15)
-    ax.axhline(0.1, color="gray", lw=0.8, ls=":", label="chance")
+    _plots.mean_sd_curves(ax, x, d["curves"], d["curves_sd"], sd.STARTS)
+    ax.axhline(0.1, color="gray", lw=0.8, ls="-.", label="chance")
     ax.set(title=f"{row}: {name} (lr {rows[row]['rate']:g})",
            xlabel="fine-tuning epoch", ylim=(0, 1))
     ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("restricted test accuracy (test half)")
+  axes[0][0].set_ylabel("restricted-domain test accuracy (fraction)")
   axes[0][0].legend(fontsize=8)
   fig.suptitle("Is full fine-tuning trapped, and by which simulated "
                "environments? (mean ± sd over seeds)", fontsize=9)
@@ -231,6 +264,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
        if (r["calibration"] or {}).get("met") is not None), None),
          "spec_run_f": SPEC_RUN_F}
   out["notes"] = notes(cfg, rows)
+  out["claims"] = claims(rows)
   for row, r in rows.items():
     d = r["domains"]["noise_shift"]
     run.figure(f"{row}: noise_shift restricted acc. after {cfg.epochs} "
