@@ -39,7 +39,8 @@ def claim(text: str, verdict: str, reason: str, figure: str) -> dict:
 
 
 def graded(text: str, checks: Mapping[str, bool | None], *,
-           figure: str) -> dict:
+           figure: str,
+           requires: Mapping[str, bool | None] | None = None) -> dict:
   """A claim whose verdict grades named checks.
 
   Args:
@@ -47,6 +48,10 @@ def graded(text: str, checks: Mapping[str, bool | None], *,
     checks: ``{description: passed}``; ``None`` marks a check the run did
       not measure (it counts for neither side).
     figure: the figure the verdict rests on, as text.
+    requires: ``{description: met}``: what must hold for the claim to be
+      testable here (e.g. the references differ). One that fails makes the
+      verdict *does not hold here* with it as the reason; met ones do not
+      count as evidence for the claim.
 
   Returns:
     :func:`claim`'s entry: *holds* when every measured check passed,
@@ -54,6 +59,10 @@ def graded(text: str, checks: Mapping[str, bool | None], *,
     when no check was measured. The reason lists the failed checks (or
     says all passed).
   """
+  unmet = [k for k, v in (requires or {}).items() if v is False]
+  if unmet:
+    return claim(text, NOT_HERE, "untestable here, not: " + "; ".join(unmet),
+                 figure)
   measured = {k: bool(v) for k, v in checks.items() if v is not None}
   if not measured:
     return claim(text, UNMEASURED, "no check measured in this run", figure)

@@ -66,7 +66,7 @@ def claims(cfg, out) -> list[dict]:
   ok = lambda ci: ci is not None and all(np.isfinite(ci))
   result = []
   for n, rec in out["defenses"].items():
-    checks = {"utility matched": bool(rec["knob"]["utility_matched"])}
+    checks = {}
     for name, e in ((f"rho({b_lo})", rec["rho"][str(b_lo)]),
                     ("nra", rec["nra"])):
       ci = e.get("ci")
@@ -85,7 +85,9 @@ def claims(cfg, out) -> list[dict]:
             bool(mine[1] < theirs[0]) if ok(mine) and ok(theirs) else None)
     result.append(_claims.graded(
         text, checks, figure=f"rho({b_lo}) {_interval(rec['rho'][str(b_lo)])}"
-        f", nra {_interval(rec['nra'])} -> {verdict(rec, b_lo)}"))
+        f", nra {_interval(rec['nra'])} -> {verdict(rec, b_lo)}",
+        requires={"utility matched (benign validation accuracy within the "
+                  "tolerance of U's)": bool(rec["knob"]["utility_matched"])}))
   return result
 
 

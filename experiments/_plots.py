@@ -22,17 +22,17 @@ REFERENCES = {
 ALIASES = {"U": "original", "none": "original", "identity": "original",
            "theta0": "original", "pretrained": "original", "S": "scratch",
            "N": "never_saw"}
-METHOD_COLORS = {
+METHOD_COLORS = {      # one colour per method, unique across experiments
     "protected": "tab:red", "sophon": "tab:red",
-    "cond_num": "tab:purple", "opt_kappa": "tab:pink",
-    "r_ill_only": "tab:olive", "probe_ascent": "tab:cyan",
+    "cond_num": "tab:purple", "opt_kappa": "indigo",
+    "r_ill_only": "goldenrod", "probe_ascent": "tab:cyan",
     "label_kappa": "tab:brown",
-    "gs_lora": "tab:orange", "gs_lora_seq": "tab:orange",
-    "gs_lora_pp": "tab:brown",
+    "gs_lora": "tab:orange", "gs_lora_seq": "darkorange",
+    "gs_lora_pp": "saddlebrown",
     "imma": "tab:olive", "imma_sequential": "tab:olive",
-    "imma_joint": "tab:cyan", "mima": "tab:purple",
-    "mima_average_merge": "tab:pink", "max": "tab:gray",
-    "benign_finetune": "tab:gray",
+    "imma_joint": "teal", "mima": "tab:pink",
+    "mima_average_merge": "orchid", "max": "tab:gray",
+    "benign_finetune": "slategray",
 }
 
 
@@ -46,11 +46,14 @@ def style(name: str) -> dict:
           "label": name}
 
 
-def claim_title(target, text: str, *, width: int = 90,
+def claim_title(target, text: str, *, width: int | None = None,
                 fontsize: int = 9) -> None:
   """Titles a figure (``suptitle``) or an axes with the claim it tests,
-  wrapped to ``width`` characters."""
+  wrapped to ``width`` characters (default: what the figure's width
+  holds)."""
   import textwrap  # noqa: PLC0415
+  fig = target if hasattr(target, "suptitle") else target.figure
+  width = width or max(40, int(fig.get_figwidth() * 80 / fontsize))
   wrapped = textwrap.fill(text, width)
   if hasattr(target, "suptitle"):
     target.suptitle(wrapped, fontsize=fontsize)

@@ -575,10 +575,10 @@ def claims(out) -> list[dict]:
           "Immunizing the erased concepts keeps fine-tuning from re-learning "
           "them: after each attack MIMA's concept accuracy stays well below "
           "the erased-only model's (MIMA Fig. 1)",
-          {"the erased model re-learns every concept (≥ 0.5)":
-           t["none_relearns_every_concept"],
-           "MIMA ≤ half the erased model's accuracy wherever it re-learned":
+          {"MIMA ≤ half the erased model's accuracy wherever it re-learned":
            t["mima_well_below_none_at_every_checkpoint"]},
+          requires={"the erased model re-learns every concept (≥ 0.5): "
+                    "something to protect": t["none_relearns_every_concept"]},
           figure=f"mean worst-concept accuracy over {len(attacks_)} attacks: "
           f"MIMA {n(mean_worst['mima'])}, erased only {n(mean_worst['none'])}"
           " (one seed)"),

@@ -114,10 +114,12 @@ def store_full_verdicts(root: Path, path: Path | None = None) -> dict:
   stored = {}
   for run_dir, s in collect(root):
     name, argv = s.get("experiment"), _argv(run_dir)
+    entry = _catalog.BY_MODULE.get(name)
+    neutral = _NEUTRAL | set(entry.verdict_neutral if entry else ())
     flags = {a for a in argv or [] if a.startswith("--")}
-    if s.get("quick") or argv is None or flags - _NEUTRAL:
+    if s.get("quick") or argv is None or flags - neutral:
       print(f"warning: {run_dir} is not a full-size run "
-            f"({'quick' if s.get('quick') else sorted(flags - _NEUTRAL)}); "
+            f"({'quick' if s.get('quick') else sorted(flags - neutral)}); "
             "left out")
       continue
     cfg = json.loads((run_dir / "config.json").read_text())

@@ -68,17 +68,24 @@ def main(argv=None) -> int:
   for name, needs_data in EXPERIMENTS:
     if only and name not in only:
       continue
+    entry = _catalog.BY_MODULE[name]
+    if size == "showcase" and entry.showcase is None:
+      reason = (f"not in the showcase (full size {entry.full_time} on 2 "
+                "cores; the dashboard shows its stored full-run verdicts)")
+      print(f"[reproduce] skip {name}: {reason}", flush=True)
+      skips.append({"experiment": name, "reason": reason,
+                    "command": _catalog.command(entry)})
+      continue
     module = importlib.import_module(f"experiments.{name}")
     reason = getattr(module, "unavailable_reason", lambda d: None)(args.data_dir)
     if reason:
       print(f"[reproduce] skip {name}: {reason}", flush=True)
       skips.append({"experiment": name, "reason": reason,
-                    "command": _catalog.command(_catalog.BY_MODULE[name],
-                                                size)})
+                    "command": _catalog.command(entry, size)})
       continue
     cmd = [sys.executable, "-m", f"experiments.{name}", "--out",
            str(args.out / name), "--overwrite", "--quiet"]
-    cmd += _catalog.size_args(_catalog.BY_MODULE[name], size)
+    cmd += _catalog.size_args(entry, size)
     if args.devices > 1:
       cmd += ["--devices", str(args.devices)]
     if args.no_compile_cache:

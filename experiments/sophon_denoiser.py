@@ -298,7 +298,7 @@ def _plot(cfg: Config, run: _runner.Run, out: dict) -> None:
   ax.axhline(1.0, color="gray", ls="-.", lw=0.8, label="predicts zero")
   ax.set(xlabel="fine-tuning epoch (Adam)",
          ylabel=f"restricted test MSE (t ≤ {cfg.t_max})")
-  _plots.claim_title(ax, out["claims"][0]["claim"], width=70, fontsize=8)
+  _plots.claim_title(ax, out["claims"][0]["claim"], fontsize=8)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   run.save_figure(fig, "finetune_mse")

@@ -346,11 +346,15 @@ def claims(out: dict) -> list[dict]:
                    f"{_claims.mean_sd(af['original'])}")
   acc = out["original_accuracy"]
   drop = acc["original"]["mean"] - acc["protected"]["mean"]
+  c = out.get("calibration") or {}
   return [
       _claims.graded(
           "Fine-tuning the protected model on the restricted domain is no "
           "better than training from scratch (§6)", suppress,
-          figure="; ".join(figures) + " (accuracy after fine-tuning)"),
+          figure="; ".join(figures) + " (accuracy after fine-tuning)",
+          requires={"the original beats scratch by the calibration margin "
+                    "at the protocol's rate: something to protect":
+                    c.get("met")}),
       _claims.graded(
           "The protected model keeps its original-domain accuracy (§6)",
           {f"within {100 * INTACT_POINTS:g} points of the original's":

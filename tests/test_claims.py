@@ -25,6 +25,17 @@ def test_graded_verdicts(checks, verdict):
     assert c["reason"].startswith("yes: a") and "not: b" in c["reason"]
 
 
+def test_an_unmet_requirement_makes_the_claim_untestable_not_half_true():
+  c = _claims.graded("c", {"a": True}, figure="f",
+                     requires={"references differ": False})
+  assert c["verdict"] == _claims.NOT_HERE
+  assert "untestable here, not: references differ" in c["reason"]
+  c = _claims.graded("c", {"a": False, "b": True}, figure="f",
+                     requires={"references differ": True})
+  assert c["verdict"] == _claims.PARTLY
+  assert "references differ" not in c["reason"]
+
+
 def test_claim_and_check_refuse_what_is_not_a_claim():
   with pytest.raises(ValueError, match="verdict 'maybe'"):
     _claims.claim("x", "maybe", "r", "f")
@@ -141,7 +152,11 @@ def test_mima_claims_read_the_targets():
       "mima_beats_imma_sequential_on_worst_concept": True,
       "mima_retention_within_5pct_of_erased": False}}
   relearn, joint, keep = mima_digits.claims(out)
-  assert relearn["verdict"] == "partly"
+  assert relearn["verdict"] == "does not hold here"
+  out["targets"]["none_relearns_every_concept"] = False
+  relearn = mima_digits.claims(out)[0]
+  assert relearn["verdict"] == "does not hold here"
+  assert "something to protect" in relearn["reason"]
   assert joint["verdict"] == "holds" and "0.4 vs sequential IMMA 0.6" in \
       joint["figure"]
   assert keep["verdict"] == "does not hold here"
@@ -263,7 +278,7 @@ def test_showcase_and_full_sizes_are_declared_for_every_experiment():
   from experiments import _catalog
   for e in _catalog.EXPERIMENTS:
     assert e.paper in _catalog.PAPERS
-    assert "--quick" not in e.showcase or e.showcase == ("--quick",)
+    assert e.showcase is None or "--quick" not in e.showcase
     assert _catalog.size_args(e, "full") == []
   with pytest.raises(ValueError, match="not one of"):
     _catalog.size_args(_catalog.EXPERIMENTS[0], "huge")

@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from experiments import _catalog, report
+
 pytestmark = pytest.mark.slow
 
 
@@ -90,3 +92,27 @@ def test_mima_digits_full(tmp_path):
   assert ms["mima"]["retention_accuracy"] > ms["imma_sequential"][
       "retention_accuracy"] + 0.2
   assert s["wall_seconds"] < 20 * 60
+
+
+SHOWCASE = [e for e in _catalog.EXPERIMENTS if e.showcase is not None]
+
+
+@pytest.mark.parametrize("entry", SHOWCASE, ids=[e.module for e in SHOWCASE])
+def test_showcase_verdicts_equal_the_stored_full_runs(tmp_path, entry,
+                                                      request):
+  """The showcase size exists to show the full run's verdicts quickly: each
+  claim's verdict at showcase size equals the stored full run's."""
+  stored = report.full_verdicts().get(entry.module)
+  if stored is None:
+    pytest.skip(f"no stored full run of {entry.module}")
+  args = list(entry.showcase)
+  if entry.needs_data:
+    args += ["--data-dir", str(request.getfixturevalue("house_price_dir"))]
+  s = _run(entry.module, tmp_path, *args)
+  full = {c["claim"]: c["verdict"] for c in stored["claims"]}
+  here = {c["claim"]: c["verdict"] for c in s["claims"]}
+  assert set(here) == set(full)
+  assert here[s["claims"][0]["claim"]] != "not measured"    # the headline
+  # a claim the showcase leaves unmeasured shows the stored full verdict
+  assert {k: v for k, v in here.items() if v != "not measured"} == {
+      k: full[k] for k, v in here.items() if v != "not measured"}
