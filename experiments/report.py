@@ -80,10 +80,7 @@ def failed(root: Path) -> list[dict]:
 def _versions(runs) -> str:
   """The versions and git commit the runs recorded (their config.json)."""
   for run_dir, _ in runs:
-    try:
-      v = json.loads((run_dir / "config.json").read_text()).get("versions")
-    except (OSError, json.JSONDecodeError):
-      continue
+    v = _config(run_dir).get("versions")
     if isinstance(v, dict):
       return ", ".join(f"{k} {fmt(x)}" for k, x in v.items())
   return "versions not recorded"
@@ -95,11 +92,13 @@ _NEUTRAL = {"--out", "--overwrite", "--quiet", "--data-dir",
             "--no-compile-cache", "--devices", "--resume"}
 
 
-def _argv(run_dir: Path) -> list[str] | None:
+def _config(run_dir: Path) -> dict:
+  """A run's config.json ({} when unreadable)."""
   try:
-    return json.loads((run_dir / "config.json").read_text()).get("argv")
+    cfg = json.loads((run_dir / "config.json").read_text())
   except (OSError, json.JSONDecodeError):
-    return None
+    return {}
+  return cfg if isinstance(cfg, dict) else {}
 
 
 def store_full_verdicts(root: Path, path: Path | None = None) -> dict:
@@ -113,7 +112,8 @@ def store_full_verdicts(root: Path, path: Path | None = None) -> dict:
   """
   stored = {}
   for run_dir, s in collect(root):
-    name, argv = s.get("experiment"), _argv(run_dir)
+    cfg = _config(run_dir)
+    name, argv = s.get("experiment"), cfg.get("argv")
     entry = _catalog.BY_MODULE.get(name)
     neutral = _NEUTRAL | set(entry.verdict_neutral if entry else ())
     flags = {a for a in argv or [] if a.startswith("--")}
@@ -122,7 +122,6 @@ def store_full_verdicts(root: Path, path: Path | None = None) -> dict:
             f"({'quick' if s.get('quick') else sorted(flags - neutral)}); "
             "left out")
       continue
-    cfg = json.loads((run_dir / "config.json").read_text())
     stored[name] = {"claims": s.get("claims") or [],
                     "wall_seconds": s.get("wall_seconds"),
                     "versions": cfg.get("versions"), "argv": argv}

@@ -125,9 +125,6 @@ def verdicts(cfg: Config, row: dict) -> dict:
   return out
 
 
-INTACT_POINTS = 0.03     # "no intactness loss": within 3 points
-
-
 def claims(rows: dict) -> list[dict]:
   """The spec's run F claim and the paper's reason to simulate several
   fine-tuning methods (§2.1), graded on this run's rows."""
@@ -143,7 +140,7 @@ def claims(rows: dict) -> list[dict]:
             f"{_claims.mean_sd(a['scratch'])}")
 
   def intact(row):
-    return (rows[row]["intactness_drop"]["mean"] <= INTACT_POINTS
+    return (rows[row]["intactness_drop"]["mean"] <= sd.INTACT_POINTS
             if row in rows else None)
 
   return [
