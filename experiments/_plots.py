@@ -21,19 +21,23 @@ REFERENCES = {
 }
 ALIASES = {"U": "original", "none": "original", "identity": "original",
            "theta0": "original", "pretrained": "original", "S": "scratch",
-           "N": "never_saw"}
+           "N": "never_saw", "retrain": "never_saw"}
 METHOD_COLORS = {      # one colour per method, unique across experiments
-    "protected": "tab:red", "sophon": "tab:red",
+    "sophon": "tab:red",
     "cond_num": "tab:purple", "opt_kappa": "indigo",
     "r_ill_only": "goldenrod", "probe_ascent": "tab:cyan",
     "label_kappa": "tab:brown",
     "gs_lora": "tab:orange", "gs_lora_seq": "darkorange",
     "gs_lora_pp": "saddlebrown",
-    "imma": "tab:olive", "imma_sequential": "tab:olive",
+    "imma": "tab:olive",
     "imma_joint": "teal", "mima": "tab:pink",
     "mima_average_merge": "orchid", "max": "tab:gray",
-    "benign_finetune": "slategray",
+    "benign_finetune": "slategray", "lora": "gold", "finetune": "dimgray",
+    "l2": "lightseagreen", "ewc": "mediumblue",
+    "gs_lora_released_alpha": "peru",
 }
+# Names experiments give one method (drawn in its colour, labelled as named).
+METHOD_SYNONYMS = {"protected": "sophon", "imma_sequential": "imma"}
 
 
 def style(name: str) -> dict:
@@ -42,7 +46,8 @@ def style(name: str) -> dict:
   ref = REFERENCES.get(ALIASES.get(name, name))
   if ref is not None:
     return dict(ref)
-  return {"color": METHOD_COLORS.get(name, "tab:gray"), "ls": "-",
+  return {"color": METHOD_COLORS.get(METHOD_SYNONYMS.get(name, name),
+                                     "silver"), "ls": "-",
           "label": name}
 
 
@@ -102,7 +107,7 @@ def attack_curves(run, curves, name: str = "attack_curves", *,
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(ylabel)
   if title:
-    fig.suptitle(title)
+    claim_title(fig, title)
   run.save_figure(fig, name)
 
 

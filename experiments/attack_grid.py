@@ -97,9 +97,10 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                                attack_map=run.grid_map())
   summary = attacks.summarize(curves, threshold=cfg.threshold)
   run.write_json("attack_curves.json", _plots.curves_json(curves))
-  _plots.attack_curves(run, curves, ylabel="harmful test accuracy",
-                       title="attacks on digits 5-9")
   budget = str(max(cfg.steps))
+  verdicts = claims(summary, budget)
+  _plots.attack_curves(run, curves, ylabel="harmful test accuracy (digits 5-9)",
+                       title=verdicts[0]["claim"])
   for start in ("pretrained", "scratch"):
     run.figure(f"best attacker accuracy from {start} ({budget} steps)",
                summary[start]["within_budget"][budget]["metric"])
@@ -108,7 +109,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
              note=f"steps to {cfg.threshold:.0%} accuracy, ratio")
   run.figure("D_P test accuracy of the pre-trained model", dp_acc)
   return {"num_attacks": len(grid), "dp_accuracy": dp_acc, "attacks": summary,
-          "claims": claims(summary, budget)}
+          "claims": verdicts}
 
 
 def claims(summary: dict, budget: str) -> list[dict]:

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _claims, _cli, _config, _digit_grid, _options, _rundir, _runner
+from experiments import (_claims, _cli, _config, _digit_grid, _options, _plots,
+                         _rundir, _runner)
 from immunojax import data, spectral
 from immunojax.methods import cond_num
 
@@ -232,14 +233,15 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
     run.figure(f"{method} pairs with strong success ((i) ≥ 10, (ii) ≤ 1)",
                r["pairs_strong_success"]["pinv"],
                note="ours: pinv κ, sklearn digits (no paper figure)")
-  _heatmaps(run, maps, cfg)
+  verdicts = claims(methods)
+  _heatmaps(run, maps, cfg, title=verdicts[0]["claim"])
   summary = {"methods": methods, "tasks": cfg.tasks, "pairs": PAIRS,
              "pairs_strong_success": {m: r["pairs_strong_success"]
                                       for m, r in methods.items()},
              "paper": {"mean_rir": PAPER_MEAN_RIR,
                        "success_pairs": PAPER_SUCCESS},
              "preamble": list(PREAMBLE), "notes": deviations(cfg),
-             "claims": claims(methods)}
+             "claims": verdicts}
   if cfg.grid:
     grid = study_grid(cfg, run)
     summary["grid"] = grid["cells"]
@@ -535,7 +537,7 @@ def _grid_plot(run, cfg, cells, per_pair, alignment):
   run.save_figure(fig, "study_grid")
 
 
-def _heatmaps(run, maps, cfg):
+def _heatmaps(run, maps, cfg, title):
   """ln RIR per pair; the colour scale spans the data (centred on 0 = no
   effect only when the data straddle it)."""
   from matplotlib import colors  # noqa: PLC0415
@@ -560,8 +562,8 @@ def _heatmaps(run, maps, cfg):
            xlabel="D_H digit", ylabel="D_P digit", xticks=range(10),
            yticks=range(10))
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="ln RIR")
-  fig.suptitle(f"digit pairs ({cfg.tasks} tasks, sklearn digits); colour "
-               f"scale {lo:.2f} … {hi:.2f}")
+  _plots.claim_title(fig, f"{title} — {cfg.tasks} tasks, sklearn digits; "
+                     f"colour scale {lo:.2f} … {hi:.2f}")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   path = run.plot_path("log_rir_heatmaps")
   fig.savefig(path, dpi=130)

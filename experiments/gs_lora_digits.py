@@ -748,7 +748,8 @@ def claims(out) -> list[dict]:
               "ratio: GS-LoRA H above every baseline's, every task")},
           figure="H per task " + ", ".join(
               f"{n(h)} vs best baseline {n(b)}"
-              for h, b in zip(gl["h_mean"], best)) + " (one seed)")]
+              for h, b in zip(gl["h_mean"], best)) + " (one seed)"
+          if best else "no baseline run")]
   key = "few-shot: GS-LoRA++ Acc_f not above GS-LoRA's on task 1"
   result.append(_claims.graded(
       "With few shots, GS-LoRA++'s prototype terms forget at least as "
@@ -814,14 +815,19 @@ def _plot_tasks(cfg, run, out):
     for m, per in res.items():
       if r not in per:
         continue
-      ls = "-" if m in LORA_FAMILY else "--"
+      st = _plots.style(m)
+      if m == "retrain":
+        st["label"] = "retrain (never saw the forgotten classes)"
+      else:
+        st["ls"] = "-" if m in LORA_FAMILY else "--"
       for i, key in enumerate(("h_mean", "acc_r")):
         axes[i][j].plot(x, [np.nan if v is None else v for v in per[r][key]],
-                        ls=ls, marker="o", ms=3, label=m)
+                        marker="o", ms=3, **st)
     for i, key in enumerate(("H-mean (%)", "Acc_r (%)")):
       axes[i][j].set(title=f"{r}", xlabel="task", ylabel=key, xticks=x)
       axes[i][j].grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
+  _plots.claim_title(fig, out["claims"][0]["claim"])
   run.save_figure(fig, "tasks")
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _claims, _cli, _config, _options, _runner
+from experiments import _claims, _cli, _config, _options, _plots, _runner
 from immunojax import attacks, data, spectral
 from immunojax.data.house_price import NUM_TRAIN, load_house_price
 from immunojax.methods import cond_num
@@ -274,7 +274,6 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                note="least squares on the immunized features, not slowed by "
                f"κ: a limit of the method; identity's {ident['dh_least_squares_test_mse']:.4g}"
                " (reference, not a paper figure)")
-  _plot(run, curves, methods, cfg)
   _plot_sweep(run, sweep)
   fig1 = {m: {t: curves[m][t].tolist() for t in ("dp", "dh")} for m in curves}
   success = {m: {"weak": bool(cond_num.succeeds(
@@ -282,10 +281,13 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                  "strong": bool(cond_num.succeeds(
       v["kappa_ratio_harmful"]["pinv"], v["kappa_ratio_pretrain"]["pinv"],
       strong=True))} for m, v in methods.items() if m != "identity"}
+  verdicts = claims(methods, success)
+  _plot(run, curves, methods, cfg, title=next(
+      (c for c in verdicts if "Fig. 1" in c["claim"]), verdicts[0])["claim"])
   return {"methods": methods, "paper": PAPER, "lambda_sweep": sweep,
           "rules": by_rule, "fig1_norm_ratio": fig1,
           "success_def_3_1": success, "preamble": list(PREAMBLE),
-          "claims": claims(methods, success),
+          "claims": verdicts,
           "notes": deviations(cfg) + rule_findings(cfg, by_rule) +
           attacker_findings(methods)}
 
@@ -430,7 +432,7 @@ MARKERS = {"identity": "", "r_ill_only": "v", "opt_kappa": "s",
            "probe_ascent": "^", "cond_num": "o"}
 
 
-def _plot(run, curves, methods, cfg):
+def _plot(run, curves, methods, cfg, title):
   fig, axes = run.new_figure(ncols=3, figsize=(15, 4.0))
   for ax, task, title in ((axes[0], "dp", "D_P (pre-training)"),
                           (axes[1], "dh", "D_H (harmful)")):
@@ -455,6 +457,7 @@ def _plot(run, curves, methods, cfg):
               ylabel="test MSE (z-scored SalePrice)", yscale="log")
   axes[2].set_xticklabels(names, rotation=30, fontsize=8)
   axes[2].legend(fontsize=8)
+  _plots.claim_title(fig, title)
   run.save_figure(fig, "fig1_linesearch")
 
 

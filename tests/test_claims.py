@@ -284,6 +284,19 @@ def test_showcase_and_full_sizes_are_declared_for_every_experiment():
     _catalog.size_args(_catalog.EXPERIMENTS[0], "huge")
 
 
+def test_every_method_has_its_own_colour_and_references_one_look():
+  from experiments import _plots
+  colours = list(_plots.METHOD_COLORS.values())
+  assert len(colours) == len(set(colours))
+  ref_colours = {r["color"] for r in _plots.REFERENCES.values()}
+  assert not ref_colours & set(colours)
+  for alias, ref in _plots.ALIASES.items():
+    assert _plots.style(alias) == _plots.REFERENCES[ref]
+  assert _plots.style("no such method")["color"] not in colours
+  for name, method in _plots.METHOD_SYNONYMS.items():
+    assert _plots.style(name)["color"] == _plots.METHOD_COLORS[method]
+
+
 def test_only_full_size_runs_are_stored(tmp_path, stored):
   c = [_claims.claim("a claim", _claims.HOLDS, "r", "f")]
   full = _summary(tmp_path, "sophon_digits", c)
