@@ -66,6 +66,13 @@ def test_resume_or_overwrite_of_a_live_run_is_refused_and_kill_frees_it(
   out = tmp_path / "q"
   holder = start(out)
   wait_for_lock(out, holder)
+  t = time.time()                       # its first checkpoint, then freeze
+  while not any((out / "checkpoints").glob("*/*")):
+    assert holder.poll() is None, holder.communicate()
+    assert time.time() - t < 120, "the run never saved a checkpoint"
+    time.sleep(0.005)
+  os.kill(holder.pid, signal.SIGSTOP)   # alive and holding the lock, but it
+  # cannot finish (and free it) before the two runs below try to take it
   for flag in ("--resume", "--overwrite"):
     rc, _, err = finish(start(out, flag))
     assert rc == 2 and "is in use by another run" in err, err
