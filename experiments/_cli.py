@@ -139,9 +139,12 @@ def entry_point(name: str, config_cls, run_fn, *, quick: dict,
       if "options" in locals():
         _rundir.release(options.out)    # the OS would, at exit
     run.print(f"[{name}] wrote {options.out}/summary.json")
+    if summary.get("quick"):       # smoke size: no paper figure beside it
+      run.print("  " + _rundir.SMOKE_BANNER.replace("**", ""))
     for f in summary["figures"]:
-      run.print(f"  {f['name']}: ours {fmt(f['ours'])}  paper "
-                f"{fmt(f['paper'])}  {f['note']}")
+      paper = ("" if summary.get("quick")
+               else f"  paper {fmt(f['paper'])}")
+      run.print(f"  {f['name']}: ours {fmt(f['ours'])}{paper}  {f['note']}")
     return 0
 
   return main

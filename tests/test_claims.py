@@ -253,6 +253,16 @@ def test_a_smoke_dashboard_marks_its_verdicts_and_drops_the_paper(tmp_path,
   assert "0.152" not in text
 
 
+def test_a_smoke_run_prints_no_paper_figure_beside_its_numbers(tmp_path,
+                                                              capsys):
+  from experiments import quadratic
+  assert quadratic.main(["--quick", "--out", str(tmp_path / "q")]) == 0
+  printed = capsys.readouterr().out
+  figures = [line for line in printed.splitlines() if ": ours " in line]
+  assert figures and "the numbers mean nothing" in printed
+  assert not any(" paper " in line for line in figures), figures
+
+
 def test_reproduce_writes_the_dashboard_and_records_a_failure(tmp_path):
   import subprocess
   import sys
