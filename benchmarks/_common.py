@@ -38,6 +38,22 @@ def timed(fn, *args, repeats: int = 3):
   return out, first, statistics.median(runs)
 
 
+def interleaved(calls, *, repeats: int = 3) -> list[float]:
+  """Median seconds of each ``(fn, *args)`` in ``calls``, timed in turns:
+  round ``r`` runs every call once, so a change in the machine's load during
+  the measurement touches all of them alike and their ratios stay put. Each
+  is called once first (compilation, warm-up), untimed."""
+  for fn, *args in calls:
+    block(fn(*args))
+  runs = [[] for _ in calls]
+  for _ in range(repeats):
+    for times, (fn, *args) in zip(runs, calls):
+      t = time.perf_counter()
+      block(fn(*args))
+      times.append(time.perf_counter() - t)
+  return [statistics.median(times) for times in runs]
+
+
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--quick", action="store_true",
