@@ -8,8 +8,8 @@ import pytest
 
 from immunojax import attacks, immunizer
 from immunojax.data import continual as schedule
-from immunojax.eval import (continual, curves, generative, probes,
-                            references, relearning)
+from immunojax.eval import (continual, curves, displacement, generative,
+                            probes, references, relearning)
 
 
 # ------------------------------------------------------------------ curves
@@ -280,3 +280,30 @@ def test_deltas_vs_scratch_reads_every_attack_and_selects_on_validation():
     references.deltas_vs_scratch(val, test, [0, 10, 20], [15], labels)
   with pytest.raises(ValueError, match="labels"):
     references.deltas_vs_scratch(val, test, [0, 10, 20], [10], labels[:2])
+
+
+# ------------------------------------------------------------ displacement
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_displacement_of_sgd_and_adam_against_closed_forms(seed):
+  rng = np.random.default_rng(seed)
+  c = {"a": jnp.asarray(rng.normal(size=3)), "b": jnp.asarray(rng.normal(size=2))}
+  w0 = {"a": jnp.asarray(rng.normal(size=3)), "b": jnp.asarray(rng.normal(size=2))}
+  loss = lambda w, _: 0.5 * sum(jnp.sum((w[k] - c[k]) ** 2) for k in w)
+  k, lr = 4, 0.3
+  batches = jnp.zeros((k, 1))
+  dist = np.sqrt(sum(np.sum((np.asarray(w0[n]) - np.asarray(c[n])) ** 2)
+                     for n in w0))
+  # SGD on 0.5||w - c||^2: w_K - w_0 = (1 - (1 - lr)^K) (c - w_0).
+  np.testing.assert_allclose(
+      displacement.displacement(w0, loss, optax.sgd(lr), batches),
+      (1 - (1 - lr) ** k) * dist, rtol=1e-10)
+  # Frozen leaves add nothing: only "b" moves.
+  dist_b = np.linalg.norm(np.asarray(w0["b"]) - np.asarray(c["b"]))
+  np.testing.assert_allclose(
+      displacement.displacement(w0, loss, optax.sgd(lr), batches,
+                                trainable=r"^b"),
+      (1 - (1 - lr) ** k) * dist_b, rtol=1e-10)
+  # One Adam step moves every coordinate by lr (eps aside): lr sqrt(D).
+  np.testing.assert_allclose(
+      displacement.displacement(w0, loss, optax.adam(1e-3, eps=1e-12),
+                                batches[:1]), 1e-3 * np.sqrt(5), rtol=1e-8)

@@ -429,6 +429,11 @@ def test_mima_digits_quick_contract(tmp_path):
   assert set(s["targets"]) >= {"mima_well_below_none_at_every_checkpoint",
                                 "mima_beats_imma_sequential_on_worst_concept",
                                 "mima_retention_within_5pct_of_erased"}
+  mv = s["displacement"]           # simulated vs evaluated attacker (issue 29)
+  assert len(mv["simulated"]) == len(mv["evaluated"]) == 3
+  assert all(x > 0 for x in mv["simulated"] + mv["evaluated"])
+  assert s["displacement_ratio"] == pytest.approx(
+      np.mean(mv["evaluated"]) / np.mean(mv["simulated"]))
   assert s["notes"] and (out / "concept_accuracy.png").exists()
 
 

@@ -12,13 +12,15 @@ table and a user's own study share.
 * :mod:`~immunojax.eval.relearning`: teaching removed classes back.
 * :mod:`~immunojax.eval.generative`: a frozen judge of samples.
 * :mod:`~immunojax.eval.probes`: linear probes on frozen features.
+* :mod:`~immunojax.eval.displacement`: how far an attacker moves a model
+  (simulated vs evaluated attacker).
 """
 
-from immunojax.eval import (continual, curves, generative, probes,
-                            references, relearning)
+from immunojax.eval import (continual, curves, displacement, generative,
+                            probes, references, relearning)
 from immunojax.eval.curves import (best_curve, differs, gap_ratio, mean_std,
                                    select, selected_curve, steps_to_threshold)
 
-__all__ = ["best_curve", "continual", "curves", "differs", "gap_ratio",
-           "generative", "mean_std", "probes", "references", "relearning",
-           "select", "selected_curve", "steps_to_threshold"]
+__all__ = ["best_curve", "continual", "curves", "differs", "displacement",
+           "gap_ratio", "generative", "mean_std", "probes", "references",
+           "relearning", "select", "selected_curve", "steps_to_threshold"]
