@@ -653,8 +653,9 @@ def notes(cfg, out) -> list[str]:
       f"model, mean over concepts): {out['displacement_ratio']:.3g} — "
       f"{mv['evaluated_attacker']} move it {np.mean(mv['evaluated']):.3g}, "
       f"the lower level ({mv['simulated_attacker']}) "
-      f"{np.mean(mv['simulated']):.3g}; far above 1, the hypergradient is "
-      "-grad L + O(alpha) and the bilevel part cannot matter (issue 29).")
+      f"{np.mean(mv['simulated']):.3g}. Far above 1, the hypergradient is "
+      "-grad L + O(alpha): the bilevel part can change little over direct "
+      "ascent.")
   t = out["targets"]
   if not t["none_relearns_every_concept"]:
     lines.append("The erased model does not re-learn every concept to 50% "
