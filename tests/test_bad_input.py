@@ -193,6 +193,10 @@ def test_library_refuses_or_reports_degenerate_values(case):
     ("gs_lora_digits", ["--missing-classes", "2"], "--missing-classes"),
     ("mima_digits", ["--concepts", "3,3"], "--concepts"),
     ("mima_digits", ["--attack-modes", "lora,dreambooth"], "--attack-modes"),
+    ("mima_digits", ["--inner-optimizer", "adamx"], "--inner-optimizer"),
+    ("mima_digits", ["--scheme", "alternating", "--inner-steps", "3"],
+     "--inner-steps"),
+    ("mima_digits", ["--inner-steps", "0"], "--inner-steps"),
 ])
 def test_options_are_validated_before_anything_is_written(tmp_path, module,
                                                            args, needle):

@@ -437,6 +437,26 @@ def test_mima_digits_quick_contract(tmp_path):
   assert s["notes"] and (out / "concept_accuracy.png").exists()
 
 
+def test_mima_sampler_gives_each_concept_k_lower_steps():
+  import jax
+  import jax.numpy as jnp
+  from experiments import mima_digits as md
+  from immunojax.data import prompts
+  cfg = md.Config(**{**md.QUICK, "inner_steps": 3, "batch": 4})
+  st = md.Setting(cfg)
+  d = md.immunization_data(cfg, st, cfg.concepts)
+  b = md.make_sampler(st, cfg, jax.random.PRNGKey(0))((d, jnp.eye(3)), 7)
+  assert b["lower"]["x"].shape == (3, 3, 4, 64)        # (slots, K, batch, .)
+  assert b["upper"]["x"].shape == (3, 4, 64)
+  for slot, digit in enumerate(cfg.concepts):          # one concept per slot
+    want = prompts.concept_prompt(st.vocab, digit)
+    np.testing.assert_array_equal(
+        b["lower"]["tokens"][slot].reshape(-1, want.shape[0]),
+        np.broadcast_to(want, (12, want.shape[0])))
+  # the K steps draw different rows
+  assert not np.array_equal(b["lower"]["x"][0, 0], b["lower"]["x"][0, 1])
+
+
 def test_study_grid_helpers():
   import numpy as np
   from experiments import _digit_grid, digit_pairs
