@@ -46,7 +46,7 @@ from immunojax.data import prompts
 from immunojax.immunizer import supervised
 from immunojax.eval import curves as eval_curves, displacement, generative
 from immunojax.methods import imma
-from immunojax.optimizers import OPTIMIZERS
+from immunojax.optimizers import OPTIMIZERS, make_optimizer
 
 METHODS = ("none", "max", "imma_sequential", "imma_joint", "mima",
            "mima_average_merge")
@@ -211,8 +211,9 @@ class Setting:
     """The same rows with noise from ``key`` (traced)."""
     kt, ke = jax.random.split(key)
     return {"x": x, "tokens": tokens,
-            "t": jax.random.randint(kt, x.shape[:-1], 0, self.cfg.timesteps),
-            "eps": jax.random.normal(ke, x.shape)}
+            "t": jax.random.randint(kt, x.shape[:-1], 0, self.cfg.timesteps,
+                                    jnp.int32),
+            "eps": jax.random.normal(ke, x.shape, x.dtype)}
 
 
 # -------------------------------------------------------------- pretrain
@@ -410,9 +411,8 @@ def attacker_displacement(cfg: Config, st: Setting, params) -> dict:
   batch size."""
   d = immunization_data(cfg, st, cfg.concepts)
   k = max(cfg.eval_every, cfg.inner_steps)
-  factory = inner_optimizer(cfg) or optax.sgd
-  lower_opt = (OPTIMIZERS[factory] if isinstance(factory, str)
-               else factory)(cfg.inner_lr)
+  # The lower level's own optimizer, built as imma.mima builds it.
+  lower_opt = make_optimizer(inner_optimizer(cfg) or "sgd", cfg.inner_lr)
   simulated = jax.jit(lambda p, b: displacement.displacement(
       p, st.loss, lower_opt, b, trainable=LOWER))
   evaluated = jax.jit(lambda p, b: displacement.displacement(
@@ -421,12 +421,8 @@ def attacker_displacement(cfg: Config, st: Setting, params) -> dict:
   for i in range(len(cfg.concepts)):
     kr, kn = jax.random.split(jax.random.PRNGKey(cfg.seed + 60 + i))
     rows = jax.random.randint(kr, (k, cfg.attack_batch), 0, d["x"].shape[1])
-    # The attack's dtypes (``Setting.noisy``), under x64 too.
-    batches = jax.tree_util.tree_map(
-        lambda a: a.astype(jnp.float32 if jnp.issubdtype(
-            a.dtype, jnp.floating) else jnp.int32),
-        jax.vmap(st.draw)(jax.random.split(kn, k), d["x"][i][rows],
-                          d["tokens"][i][rows]))
+    batches = jax.vmap(st.draw)(jax.random.split(kn, k), d["x"][i][rows],
+                                d["tokens"][i][rows])
     sim.append(float(simulated(params, jax.tree_util.tree_map(
         lambda a: a[:cfg.inner_steps], batches))))
     ev.append(float(evaluated(params, jax.tree_util.tree_map(
