@@ -46,13 +46,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from experiments import _claims, _cli, _config, _options, _plots, _rundir, _runner
 from immunojax import attacks, data, lora, losses, masks, models
 from immunojax.data import continual
-from immunojax.eval import continual as continual_eval, relearning
+from immunojax.eval import continual as continual_eval, forgetting, relearning
 from immunojax.methods import gs_lora as gs
 
 Regime = Literal["ratio", "few_shot", "missing"]
@@ -61,8 +60,8 @@ Method = Literal["gs_lora", "gs_lora_pp", "lora", "finetune", "l2", "ewc",
                  "retrain"]
 METHODS = ("gs_lora", "gs_lora_pp", "lora", "finetune", "l2", "ewc",
            "retrain")
-LORA_FAMILY = ("gs_lora", "gs_lora_pp", "lora", "gs_lora_released_alpha")
-FFN = (r"blocks/\d+/fc[12]/kernel",)
+LORA_FAMILY = forgetting.LORA_FAMILY
+FFN = forgetting.FFN
 # T-PAMI Table 3 (CASIA-100 face, 10% data), task 100-20, GS-LoRA row, and
 # the few-shot block's GS-LoRA / GS-LoRA++ Acc_r, in %.
 PAPER = {"h_task1": 74.40, "acc_r_task1": 74.16, "acc_f_task1": 0.00,
@@ -194,46 +193,14 @@ PRETRAIN_BATCH = 64
 
 
 def make_pretrainer(cfg: Config, forward, npad: int, split=lambda b: b):
-  """``epoch(state, x, y, idx, n, key, e) -> (state, {"loss"})``: one
-  epoch of AdamW (wd 0.05 on matrices, cosine over ``pretrain_epochs``) on
-  CosFace cross-entropy with dropout, over the first ``n`` of the padded
-  indices ``idx``. One compilation serves every pre-training set."""
-  bs = PRETRAIN_BATCH
-
-  def optimizer(n):
-    spe = n // bs      # full batches only, as the other experiments do
-    total = cfg.pretrain_epochs * spe
-    return optax.adamw(lambda c: cfg.pretrain_lr * 0.5 * (
-        1 + jnp.cos(jnp.pi * jnp.minimum(c, total) / total)),
-        weight_decay=cfg.weight_decay, mask=_matrices)
-
-  def loss(p, x, y, key):
-    return losses.cross_entropy(forward(p, x, y, key)[0], y)
-
-  @jax.jit
-  def epoch(state, x, y, idx, n, key, e):
-    spe = n // bs
-    opt = optimizer(n)
-
-    def body(state, t):
-      def step(st):
-        params, opt_state = st
-        j, _ = data.padded_batch_positions(key, n, npad, bs, e * spe + t,
-                                           spe)
-        b = idx[j]
-        xb, yb = split((x[b], y[b]))       # over the run's devices
-        value, g = jax.value_and_grad(loss)(
-            params, xb, yb, jax.random.fold_in(key, 10 ** 6 + e * spe + t))
-        u, opt_state = opt.update(g, opt_state, params)
-        return ((optax.apply_updates(params, u), opt_state),
-                value.astype(jnp.float32))
-      return jax.lax.cond(t < spe, step,
-                          lambda st: (st, jnp.zeros((), jnp.float32)), state)
-
-    state, values = jax.lax.scan(body, state, jnp.arange(npad // bs))
-    return state, {"loss": jnp.sum(values) / spe}
-
-  return epoch, optimizer
+  """``(epoch, optimizer)`` of :func:`immunojax.eval.forgetting.
+  pretrain_epoch` at this config (AdamW, wd on matrices, cosine over
+  ``pretrain_epochs``, batch 64); one compilation serves every
+  pre-training set."""
+  return forgetting.pretrain_epoch(
+      forward, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
+      weight_decay=cfg.weight_decay, batch_size=PRETRAIN_BATCH,
+      num_padded=npad, split=split)
 
 
 def pretrain(cfg, run, ctx, keep, *, loop, desc):
@@ -251,63 +218,19 @@ def pretrain(cfg, run, ctx, keep, *, loop, desc):
   return state[0]
 
 
-def _matrices(params):
-  return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
-
-
 # ------------------------------------------------------------ task runs
 def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
                 fpad: int, head_frozen, split=lambda b: b,
                 forget: str = "bounded"):
-  """One jitted task run per (family, batch size, padding, forget term)
-  (:func:`immunojax.eval.continual.task_runner`): every task and variant
-  reuses its compilation; the ``"bound"`` coefficient is the forget term's
-  BND."""
-  def build(start, x, y, task, coeffs, spe):
-    bound = coeffs["bound"]
-    def schedule(count):
-      e = jnp.minimum(count // spe, cfg.epochs)
-      return cfg.min_lr + 0.5 * (coeffs["lr"] - cfg.min_lr) * (
-          1 + jnp.cos(jnp.pi * e / cfg.epochs))
-    opt = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                      weight_decay=cfg.weight_decay, mask=_matrices)
-    n_r, n_f = task["n_retain"], task["n_forget"]
-    if family == "lora":
-      both = jnp.concatenate([task["retain_idx"], task["forget_idx"]])
-      w = jnp.concatenate([jnp.arange(npad) < n_r,
-                           jnp.arange(fpad) < n_f]).astype(jnp.float32)
-      prototypes = gs.class_prototypes(
-          lambda xx: forward(start, xx, None, None)[1], x[both], y[both], w,
-          10)
-      config = lora.LoraConfig(r=cfg.rank, lora_alpha=1.0,
-                               target_modules=FFN, init_a=coeffs["init_a"])
-      imm = gs.gs_lora(forward, lora_config=config, optimizer=opt,
-                       alpha=coeffs["alpha"],
-                       alpha_warmup_steps=cfg.alpha_warmup_epochs * spe,
-                       beta=coeffs["beta"], bound=bound,
-                       prototypes=prototypes,
-                       prototype_weight=coeffs["prototype_weight"],
-                       prototype_bound=cfg.prototype_bound,
-                       pull_weight=coeffs["pull_weight"], forget=forget,
-                       logit_scale=cfg.cosface_scale)
-      return imm, lambda st: {"group_norms": gs.group_norms(st.adapters)}
-    ri = task["retain_idx"]
-    wr = (jnp.arange(ri.shape[0]) < n_r).astype(jnp.float32)
-    # EWC's Fisher, computed only when it is used (L2: all ones).
-    importance = jax.lax.cond(
-        coeffs["fisher"] > 0,
-        lambda: gs.diagonal_fisher(forward, start, x[ri], y[ri], wr),
-        lambda: jax.tree_util.tree_map(jnp.ones_like, start))
-    imm = gs.finetune_forget(forward, optimizer=opt, trainable=head_frozen,
-                             beta=coeffs["beta"], bound=bound,
-                             anchor_weight=coeffs["anchor_weight"],
-                             importance=importance, forget=forget,
-                             logit_scale=cfg.cosface_scale)
-    return imm, lambda st: {}
-
-  return continual_eval.task_runner(build, epochs=cfg.epochs, batch_size=bs,
-                                    retain_pad=npad, forget_pad=fpad,
-                                    split=split)
+  """:func:`immunojax.eval.forgetting.method_runner` at this config: one
+  jitted task run per (family, batch size, padding, forget term)."""
+  return forgetting.method_runner(
+      forward, family, epochs=cfg.epochs, min_lr=cfg.min_lr,
+      weight_decay=cfg.weight_decay, rank=cfg.rank,
+      alpha_warmup_epochs=cfg.alpha_warmup_epochs,
+      prototype_bound=cfg.prototype_bound, logit_scale=cfg.cosface_scale,
+      batch_size=bs, retain_pad=npad, forget_pad=fpad,
+      head_frozen=head_frozen, split=split, forget=forget)
 
 
 # --------------------------------------------------------------- protocol
@@ -334,21 +257,7 @@ def task_subsets(cfg, y_train, tasks, regime, missing):
   return out
 
 
-class Evaluator:
-  """Margin-on correctness (the released code's convention) on the test
-  set."""
-
-  def __init__(self, forward, x_test, y_test):
-    self.x, self.y = jnp.asarray(x_test), np.asarray(y_test)
-    self._pred = jax.jit(lambda p, x, y: jnp.argmax(
-        forward(p, x, y, None)[0], -1))
-
-  def correct(self, params):
-    return np.asarray(self._pred(params, self.x, jnp.asarray(self.y))) \
-        == self.y
-
-  def accuracy(self, correct, classes):
-    return continual_eval.class_accuracy(correct, self.y, classes)
+Evaluator = forgetting.Evaluator
 
 
 def regime_alpha(cfg, regime: str) -> float:
@@ -368,24 +277,14 @@ def coefficients(cfg, method, regime, t, forget=None):
   forget = forget or regime_forget(cfg, regime)
   bound = (cfg.bound_each if forget == "bounded_each"
            else cfg.bound) * cfg.cosface_scale / 64.0
-  lora_co = {"lr": cfg.lr, "beta": beta, "bound": bound,
-             "init_a": math.sqrt(50.0) if (t > 0 and cfg.reinit_a == "code")
-             else math.sqrt(5.0),
-             "alpha": regime_alpha(cfg, regime), "prototype_weight": 0.0,
-             "pull_weight": 0.0}
-  full = {"lr": cfg.baseline_lr, "beta": beta, "bound": bound,
-          "anchor_weight": 0.0, "fisher": 0.0}
-  table = {
-      "gs_lora": lora_co,
-      "gs_lora_released_alpha": {**lora_co, "alpha": cfg.released_alpha},
-      "gs_lora_pp": {**lora_co, "prototype_weight": cfg.prototype_weight,
-                     "pull_weight": cfg.pull_weight},
-      "lora": {**lora_co, "alpha": 0.0},
-      "finetune": full,
-      "l2": {**full, "anchor_weight": cfg.l2_weight},
-      "ewc": {**full, "anchor_weight": cfg.ewc_weight, "fisher": 1.0},
-      "retrain": {**full, "lr": cfg.retrain_lr, "beta": 0.0}}
-  return {k: jnp.asarray(v, jnp.float32) for k, v in table[method].items()}
+  return forgetting.coefficients(
+      method, beta=beta, bound=bound, lr=cfg.lr, baseline_lr=cfg.baseline_lr,
+      retrain_lr=cfg.retrain_lr, alpha=regime_alpha(cfg, regime),
+      released_alpha=cfg.released_alpha,
+      prototype_weight=cfg.prototype_weight, pull_weight=cfg.pull_weight,
+      l2_weight=cfg.l2_weight, ewc_weight=cfg.ewc_weight,
+      init_a=math.sqrt(50.0) if (t > 0 and cfg.reinit_a == "code")
+      else math.sqrt(5.0))
 
 
 def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
@@ -397,7 +296,7 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
   (e.g. a seed's)."""
   base, overrides, forget = variant or (method, {},
                                         regime_forget(cfg, regime))
-  family = "lora" if base in LORA_FAMILY else "full"
+  family = forgetting.family(base)
   bs = cfg.few_shot_batch if regime == "few_shot" else cfg.batch_size
   subsets = ctx["subsets"][regime]
   npad = max(len(r) for r, _ in ctx["all_subsets"][bs])

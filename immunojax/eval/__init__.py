@@ -9,6 +9,8 @@ table and a user's own study share.
   against scratch / original, per-attack deltas.
 * :mod:`~immunojax.eval.continual`: a forgetting task's run and its
   Acc_r / Acc_f / Acc_o / H-mean.
+* :mod:`~immunojax.eval.forgetting`: GS-LoRA's continual protocol (pre-training
+  epochs, each method family's task run, the baselines' coefficients).
 * :mod:`~immunojax.eval.relearning`: teaching removed classes back.
 * :mod:`~immunojax.eval.generative`: a frozen judge of samples.
 * :mod:`~immunojax.eval.probes`: linear probes on frozen features.
@@ -16,11 +18,12 @@ table and a user's own study share.
   (simulated vs evaluated attacker).
 """
 
-from immunojax.eval import (continual, curves, displacement, generative,
-                            probes, references, relearning)
+from immunojax.eval import (continual, curves, displacement, forgetting,
+                            generative, probes, references, relearning)
 from immunojax.eval.curves import (best_curve, differs, gap_ratio, mean_std,
                                    select, selected_curve, steps_to_threshold)
 
 __all__ = ["best_curve", "continual", "curves", "differs", "displacement",
-           "gap_ratio", "generative", "mean_std", "probes", "references",
-           "relearning", "select", "selected_curve", "steps_to_threshold"]
+           "forgetting", "gap_ratio", "generative", "mean_std", "probes",
+           "references", "relearning", "select", "selected_curve",
+           "steps_to_threshold"]
