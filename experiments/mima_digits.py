@@ -11,7 +11,9 @@ chained), ``imma_joint`` (IMMA on the pooled concepts), ``mima`` (per-concept
 lower levels merged by phi*) and ``mima_average_merge`` (phi* replaced by a
 parameter mean). Every model is then attacked through the harness with the
 same seeds and budgets (full fine-tuning, LoRA, key/value-only, textual
-inversion), per concept and for all concepts jointly. A frozen digit
+inversion), per concept and for all concepts jointly, and by the attack
+phi* is for (each concept's K/V adapted alone, the copies merged by phi*:
+``phi_merge``). A frozen digit
 classifier scores samples of the attacked concepts (the paper's CLIP/DINO
 and ImageNet-classifier stand-ins, spec §4.6).
 
@@ -44,13 +46,14 @@ from experiments import _claims, _cli, _config, _plots, _pretrain, _runner
 from immunojax import attacks, data, diffusion, lora, models, modes
 from immunojax.data import prompts
 from immunojax.immunizer import supervised
-from immunojax.eval import curves as eval_curves, displacement, generative
+from immunojax.eval import (curves as eval_curves, displacement, generative,
+                            merge_attack)
 from immunojax.methods import imma
 from immunojax.optimizers import OPTIMIZERS, make_optimizer
 
 METHODS = ("none", "max", "imma_sequential", "imma_joint", "mima",
            "mima_average_merge")
-ATTACK_MODES = ("full", "lora", "kv", "ti")
+ATTACK_MODES = ("full", "lora", "kv", "ti", "phi_merge")
 UPPER = (r"attn2/",)                      # S^u: MIMA's "xattn"
 LOWER = (r"^unet/",)                      # S^l: MIMA's "unet"
 KV = (r"attn2/to_[kv]/kernel",)
@@ -87,6 +90,27 @@ class Config:
   outer_lr: float = 1e-4
   batch: int = 32
   prior_weight: float = 1.0
+  prior_weights: tuple[float, ...] = dataclasses.field(default=(), metadata={
+      "help": "a grid of prior weights: each method keeps the smallest whose "
+              "retention (on a selection draw) reaches --retention-floor "
+              "(empty: --prior-weight for every method)"})
+  retention_floor: float = 0.93
+  prior_null: float = dataclasses.field(default=0.0, metadata={
+      "help": "share of the prior batch's rows given the null prompt (the "
+              "unconditional branch guidance reads)"})
+  ascent_bound: float = dataclasses.field(default=0.0, metadata={
+      "help": "stop ascending each concept's loss at this multiple of the "
+              "erased model's clean concept loss (0: unbounded, as released)"})
+  sequential_budget: Literal["per_concept", "total"] = dataclasses.field(
+      default="per_concept", metadata={
+          "help": "sequential IMMA's outer steps: --immunize-steps per "
+                  "concept (as released) or in total (MIMA's budget)"})
+  num_seeds: int = dataclasses.field(default=1, metadata={
+      "help": "seeds --seed, --seed + 1, ...: the whole pipeline per seed; "
+              "summary.attacks holds mean and sd over them"})
+  collateral_digits: int = dataclasses.field(default=3, metadata={
+      "help": "non-target digits sampled after every attack (selectivity = "
+              "concept accuracy / their accuracy)"})
   merge_ridge: float = 0.0
   attack_modes: tuple[str, ...] = ATTACK_MODES
   attack_steps: int = 500
@@ -104,12 +128,13 @@ class Config:
         "patch", "dim", "context_dim", "depth", "heads", "timesteps", "pretrain_steps",
         "pretrain_lr", "pretrain_batch", "classifier_steps", "sample_steps",
         "guidance", "samples", "immunize_steps", "inner_steps", "outer_lr",
-        "batch",
+        "batch", "num_seeds",
         "attack_steps", "eval_every", "attack_batch", "lr_full", "lr_lora",
         "lr_kv", "lr_ti", "lora_rank", "copies"))
     if not 0 <= self.cfg_dropout < 1:
       raise ValueError(f"--cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
-    for name in ("inner_lr", "prior_weight", "merge_ridge"):
+    for name in ("inner_lr", "prior_weight", "merge_ridge", "ascent_bound",
+                 "collateral_digits"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if len(set(self.concepts)) != len(self.concepts) or not (
@@ -133,6 +158,22 @@ class Config:
     if self.attack_steps % self.eval_every:
       raise ValueError(f"--eval-every {self.eval_every} must divide "
                        f"--attack-steps {self.attack_steps}")
+    if not 0 <= self.prior_null <= 1:
+      raise ValueError(f"--prior-null must be in [0, 1], got {self.prior_null}")
+    if not 0 < self.retention_floor <= 1:
+      raise ValueError(f"--retention-floor must be in (0, 1], got "
+                       f"{self.retention_floor}")
+    if any(not w >= 0 for w in self.prior_weights) or len(
+        set(self.prior_weights)) != len(self.prior_weights):
+      raise ValueError(f"--prior-weights must be distinct and >= 0, got "
+                       f"{list(self.prior_weights)}")
+    if self.collateral_digits > 10 - len(self.concepts):
+      raise ValueError(f"--collateral-digits {self.collateral_digits} exceeds "
+                       f"the {10 - len(self.concepts)} non-target digits")
+    if (self.sequential_budget == "total"
+        and self.immunize_steps < len(self.concepts)):
+      raise ValueError("--sequential-budget total needs --immunize-steps >= "
+                       "the number of concepts")
     if self.sample_steps > self.timesteps:
       raise ValueError("--sample-steps cannot exceed --timesteps")
     if self.dim % self.heads:
@@ -142,7 +183,8 @@ class Config:
 
 QUICK = {"dim": 32, "depth": 1, "pretrain_steps": 300, "classifier_steps": 300,
          "sample_steps": 5, "samples": 16, "immunize_steps": 5,
-         "attack_steps": 10, "eval_every": 5, "attack_modes": ("lora",),
+         "attack_steps": 10, "eval_every": 5,
+         "attack_modes": ("lora", "phi_merge"),
          "copies": 1}
 
 
@@ -217,7 +259,7 @@ class Setting:
 
 
 # -------------------------------------------------------------- pretrain
-def pretrain(cfg: Config, run: _runner.Run, st: Setting):
+def pretrain(cfg: Config, run: _runner.Run, st: Setting, prefix: str = ""):
   x = jnp.asarray(2.0 * st.split.x_train - 1.0)
   tokens = jnp.asarray(np.stack([prompts.concept_prompt(st.vocab, int(k))
                                  for k in st.split.y_train]))
@@ -232,13 +274,14 @@ def pretrain(cfg: Config, run: _runner.Run, st: Setting):
     return st.draw(jax.random.fold_in(k, 2), b[0], toks)
 
   trainer = supervised(st.loss, optax.adam(cfg.pretrain_lr))
-  state = run.fit("pretrain", trainer, trainer.init(st.init, key), sample,
-                  (x, tokens), cfg.pretrain_steps, key=key,
+  state = run.fit(prefix + "pretrain", trainer, trainer.init(st.init, key),
+                  sample, (x, tokens), cfg.pretrain_steps, key=key,
                   desc="pre-training the denoiser")
   return trainer.params(state)
 
 
-def classifier(cfg: Config, run: _runner.Run, st: Setting):
+def classifier(cfg: Config, run: _runner.Run, st: Setting,
+               prefix: str = ""):
   model = models.MLP((64, 128, 10), rngs=nnx.Rngs(cfg.seed + 2))
   apply, init = models.functional(model)
   feats, _ = models.functional(model, "features")
@@ -246,7 +289,7 @@ def classifier(cfg: Config, run: _runner.Run, st: Setting):
                                 steps=cfg.classifier_steps, lr=1e-3,
                                 batch_size=64, seed=cfg.seed + 3,
                                 desc="evaluation classifier",
-                                loop="classifier")
+                                loop=prefix + "classifier")
   acc = float(models.accuracy(apply(params, jnp.asarray(st.split.x_test)),
                               st.split.y_test))
   # samples live in [-1, 1]; the classifier reads [0, 1]
@@ -310,7 +353,10 @@ def make_sampler(st: Setting, cfg: Config, key):
   to ``pools[s, c]`` (the identity: one slot per concept, MIMA; a one-hot
   row: IMMA on that concept; a row of ones: IMMA on the pooled concepts),
   so IMMA per concept and on the pool share one compilation. Rows are drawn
-  with replacement, a pure function of the step (resuming is exact)."""
+  with replacement, a pure function of the step (resuming is exact). The
+  first ``round(prior_null * batch)`` prior rows carry the null prompt."""
+  null_rows = round(cfg.prior_null * cfg.batch)
+
   def sample(data, t):
     d, pools = data
     k = jax.random.fold_in(key, t)
@@ -331,17 +377,22 @@ def make_sampler(st: Setting, cfg: Config, key):
 
     pidx = jax.random.randint(jax.random.fold_in(k, 3), (cfg.batch,), 0,
                               d["prior_x"].shape[0])
+    prior = st.draw(jax.random.fold_in(k, 4), d["prior_x"][pidx],
+                    d["prior_tokens"][pidx])
+    if null_rows:        # the unconditional branch that guidance reads
+      prior["tokens"] = prior["tokens"].at[:null_rows].set(st.null)
     return {"lower": slot_batch(jax.random.fold_in(k, 1), cfg.inner_steps),
             "upper": slot_batch(jax.random.fold_in(k, 2), None),
-            "prior": st.draw(jax.random.fold_in(k, 4), d["prior_x"][pidx],
-                             d["prior_tokens"][pidx])}
+            "prior": prior}
 
   return sample
 
 
-def immunize(cfg: Config, run: _runner.Run, st: Setting, erased):
+def immunize(cfg: Config, run: _runner.Run, st: Setting, erased, *,
+             bound: float | None = None, prefix: str = ""):
   """Every method's released parameters and the wall time of its training
-  loop(s) (its first step compiles)."""
+  loop(s) (its first step compiles). ``bound``: the ascent bound B (None:
+  unbounded); ``prefix`` names the loops (a seed's, a prior weight's)."""
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(cfg.outer_lr, weight_decay=1e-2))
   keys, reg = merge_keys(cfg, st)
@@ -350,14 +401,15 @@ def immunize(cfg: Config, run: _runner.Run, st: Setting, erased):
   common = dict(upper=UPPER, lower=modes.masked(LOWER),
                 inner_lr=cfg.inner_lr, optimizer=opt, scheme=cfg.scheme,
                 prior_weight=cfg.prior_weight, concept_map=run.grid_map(),
-                **extra)
+                ascent_bound=bound, **extra)
   d = immunization_data(cfg, st, cfg.concepts)
   key = jax.random.PRNGKey(cfg.seed + 5)
   c = len(cfg.concepts)
   each = jnp.eye(c)
   imms = {
       "max": imma.max_ascent(st.loss, upper=UPPER, optimizer=opt,
-                             prior_weight=cfg.prior_weight),
+                             prior_weight=cfg.prior_weight,
+                             ascent_bound=bound),
       "imma": imma.imma(st.loss, **common),   # sequential and joint
       "mima": imma.mima(st.loss, merge=imma.concept_merge(
           keys=keys, reg_keys=reg, merged=KV, ridge=cfg.merge_ridge),
@@ -366,10 +418,10 @@ def immunize(cfg: Config, run: _runner.Run, st: Setting, erased):
                                       **common)}
   sample = make_sampler(st, cfg, key)
 
-  def loop(name, which, start, rows, desc):
+  def loop(name, which, start, rows, desc, steps=cfg.immunize_steps):
     imm = imms[which]
-    state = run.fit(name, imm, imm.init(start, key), sample, (d, rows),
-                    cfg.immunize_steps, key=key, desc=desc)
+    state = run.fit(prefix + name, imm, imm.init(start, key), sample,
+                    (d, rows), steps, key=key, desc=desc)
     return imm.params(state)
 
   out, wall = {"none": erased}, {"none": 0.0}
@@ -378,9 +430,11 @@ def immunize(cfg: Config, run: _runner.Run, st: Setting, erased):
   wall["max"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   p = erased
+  per = (cfg.immunize_steps if cfg.sequential_budget == "per_concept"
+         else cfg.immunize_steps // c)      # MIMA's budget in total
   for i in range(c):
     p = loop(f"imma_sequential_{i}", "imma", p, each[i:i + 1],
-             f"IMMA on <d{cfg.concepts[i]}> ({i + 1}/{c})")
+             f"IMMA on <d{cfg.concepts[i]}> ({i + 1}/{c})", per)
   out["imma_sequential"], wall["imma_sequential"] = p, time.perf_counter() - t0
   t0 = time.perf_counter()
   out["imma_joint"] = loop("imma_joint", "imma", erased, jnp.ones((1, c)),
@@ -465,8 +519,15 @@ def make_metric(st: Setting, classify, features):
                                  features=features, heldout_loss=heldout)
 
 
-def attack_targets(cfg: Config, st: Setting, metric, mode: str):
-  """Named targets for one attack mode: one per concept, and ``joint``."""
+def collateral(cfg: Config) -> list[int]:
+  """The non-target digits sampled after every attack (selectivity)."""
+  return [k for k in range(10)
+          if k not in cfg.concepts][:cfg.collateral_digits]
+
+
+def attack_rows(cfg: Config, st: Setting, mode: str):
+  """Each concept's training rows for ``mode`` (``copies`` noise draws of
+  its images, truncated to a common count) and the prompt it trains."""
   rng = np.random.default_rng(cfg.seed + 21)
   rows, prompt_rows = [], []
   for i, k in enumerate(cfg.concepts):
@@ -476,7 +537,22 @@ def attack_targets(cfg: Config, st: Setting, metric, mode: str):
     rows.append(st.noisy(x, np.tile(p, (len(x), 1)), rng))
     prompt_rows.append(p)
   n = min(len(r["x"]) for r in rows)
-  rows = [jax.tree_util.tree_map(lambda a: a[:n], r) for r in rows]
+  return [jax.tree_util.tree_map(lambda a: a[:n], r) for r in rows], \
+      prompt_rows
+
+
+def attack_eval(cfg: Config, st: Setting, prompt_rows):
+  """eval_data of an attack: the concepts' prompts, then the collateral
+  digits' own prompts."""
+  col = collateral(cfg)
+  return evaluation(cfg, st, list(cfg.concepts) + col, list(prompt_rows) + [
+      prompts.concept_prompt(st.vocab, k) for k in col], seed=cfg.seed + 30)
+
+
+def attack_targets(cfg: Config, st: Setting, metric, mode: str):
+  """Named targets for one attack mode: one per concept, and ``joint``."""
+  rows, prompt_rows = attack_rows(cfg, st, mode)
+  n = len(rows[0]["x"])
   common = attacks.Target(
       loss_fn=st.loss, metric_fn=metric, train_data=None,
       lora_config=lora.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank,
@@ -485,7 +561,7 @@ def attack_targets(cfg: Config, st: Setting, metric, mode: str):
   # Every attack is scored on every concept (the same eval_data), so the
   # per-concept and joint attacks share one compilation: the joint set is
   # as large as one concept's, drawn evenly from all of them.
-  ev = evaluation(cfg, st, list(cfg.concepts), prompt_rows, seed=cfg.seed + 30)
+  ev = attack_eval(cfg, st, prompt_rows)
   out = {str(k): common._replace(train_data=rows[i], eval_data=ev)
          for i, k in enumerate(cfg.concepts)}
   joint = jax.tree_util.tree_map(
@@ -494,40 +570,134 @@ def attack_targets(cfg: Config, st: Setting, metric, mode: str):
   return out
 
 
+def phi_merge_attack(cfg: Config, st: Setting, metric, starts):
+  """Custom Diffusion's recipe, the attack phi* is for: each concept's K/V
+  adapted alone (the kv attack's rows, rate and seed), the copies merged by
+  phi* (MIMA's own keys), the merged model scored on every concept
+  (:func:`immunojax.eval.merge_attack.merged_attack`). Metric arrays
+  ``(checkpoints, concepts + collateral, 3)`` per start."""
+  rows, prompt_rows = attack_rows(cfg, st, "kv")
+  ev = attack_eval(cfg, st, prompt_rows)
+  keys, reg = merge_keys(cfg, st)
+  phi = imma.concept_merge(keys=keys, reg_keys=reg, merged=KV,
+                           ridge=cfg.merge_ridge)
+  train = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *rows)
+  run_one = jax.jit(lambda p, d, e: merge_attack.merged_attack(
+      p, attacker=modes.masked(KV, name="kv"), loss_fn=st.loss,
+      optimizer=optax.adam(cfg.lr_kv), train_data=d,
+      batch_size=cfg.attack_batch, steps=cfg.attack_steps,
+      eval_every=cfg.eval_every, merge=phi.apply,
+      metric_fn=lambda q: metric(q, e), seed=cfg.seed))
+  return {s: np.asarray(run_one(p, train, ev)) for s, p in starts.items()}
+
+
 def attack_all(cfg: Config, run: _runner.Run, st: Setting, metric, starts):
-  """Curves ``[mode][scope][start]`` with scope ``per_concept`` / ``joint``:
-  ``(checkpoints, concepts, 3)`` arrays."""
+  """Per attack mode: ``scopes`` -> ``{scope: {start: (checkpoints,
+  concepts, 3)}}`` (``per_concept``: the attack on concept k scored on k;
+  ``joint``; ``merged`` for phi_merge), ``collateral`` -> the same scopes'
+  mean collateral-digit accuracy ``(checkpoints, concepts)`` /
+  ``(checkpoints,)`` (None without collateral digits), ``steps``,
+  ``diverged``."""
   lrs = {"full": cfg.lr_full, "lora": cfg.lr_lora, "kv": cfg.lr_kv,
          "ti": cfg.lr_ti}
+  c = len(cfg.concepts)
+  has_col = bool(collateral(cfg))
+  col = lambda m: m[:, c:, 0].mean(-1) if has_col else None
   out, wall = {}, {}
   for mode in cfg.attack_modes:
     t0 = time.perf_counter()
+    scope = " merged" if mode == "phi_merge" else " + joint"
     run.print(f"  attacking with {mode} ({len(starts)} models, "
-              f"{len(cfg.concepts)} concepts + joint)")
+              f"{c} concepts{scope})")
+    if mode == "phi_merge":
+      res = phi_merge_attack(cfg, st, metric, starts)
+      out[mode] = {"scopes": {"merged": {s: r[:, :c] for s, r in
+                                         res.items()}},
+                   "collateral": {"merged": {s: col(r) for s, r in
+                                             res.items()}},
+                   "steps": np.arange(0, cfg.attack_steps + 1,
+                                      cfg.eval_every),
+                   "diverged": {s: bool(not np.all(np.isfinite(r)))
+                                for s, r in res.items()}}
+      wall[mode] = time.perf_counter() - t0
+      continue
     grid = [attacks.Attack("adam", lrs[mode], cfg.attack_batch, mode,
                            cfg.attack_steps, seed=cfg.seed)]
     curves = attacks.run_attacks(grid, starts,
                                  attack_targets(cfg, st, metric, mode),
                                  eval_every=cfg.eval_every,
                                  attack_map=run.grid_map())
+    m = {k: {s: cv.metric[s][0] for s in starts} for k, cv in curves.items()}
     # per concept: the attack on concept k, scored on concept k
-    per = {s: np.stack([curves[str(k)].metric[s][0][:, i]
-                        for i, k in enumerate(cfg.concepts)], axis=1)
-           for s in starts}
-    out[mode] = {"per_concept": per,
-                 "joint": {s: curves["joint"].metric[s][0] for s in starts},
+    per = {s: np.stack([m[str(k)][s][:, i] for i, k in
+                        enumerate(cfg.concepts)], axis=1) for s in starts}
+    per_col = {s: np.stack([col(m[str(k)][s]) for k in cfg.concepts], axis=1)
+               if has_col else None for s in starts}
+    out[mode] = {"scopes": {"per_concept": per,
+                            "joint": {s: m["joint"][s][:, :c]
+                                      for s in starts}},
+                 "collateral": {"per_concept": per_col,
+                                "joint": {s: col(m["joint"][s])
+                                          for s in starts}},
                  "steps": curves["joint"].steps[next(iter(starts))],
-                 "diverged": {s: bool(any(c.diverged[s][0] for c in
+                 "diverged": {s: bool(any(cv.diverged[s][0] for cv in
                                           curves.values())) for s in starts}}
     wall[mode] = time.perf_counter() - t0
   return out, wall
 
 
 # ------------------------------------------------------------ experiment
-def experiment(cfg: Config, run: _runner.Run) -> dict:
+def clean_concept_loss(cfg: Config, st: Setting, params) -> float:
+  """The mean over concepts of the denoising loss on each concept's
+  training images (fixed draws): the scale of the ascent bound."""
+  d = immunization_data(cfg, st, cfg.concepts)
+  key = jax.random.PRNGKey(cfg.seed + 70)
+  loss = jax.jit(lambda p, k, x, t: st.loss(p, st.draw(k, x, t)))
+  return float(np.mean([float(loss(params, jax.random.fold_in(key, i),
+                                    d["x"][i], d["tokens"][i]))
+                        for i in range(len(cfg.concepts))]))
+
+
+def immunize_matched(cfg: Config, run: _runner.Run, st: Setting, erased,
+                     retention_of, *, bound, prefix=""):
+  """Every method at its prior weight: with ``--prior-weights``, the
+  smallest whose retention on a selection draw (``retention_of(params,
+  "select")``) reaches ``--retention-floor``, else the one that retains
+  most. Returns (params, wall seconds, ``retention_matched``)."""
+  weights = sorted(cfg.prior_weights) or [cfg.prior_weight]
+  tried = {}
+  for w in weights:
+    c = dataclasses.replace(cfg, prior_weight=w)
+    name = prefix + (f"prior_{w:g}/" if len(weights) > 1 else "")
+    if len(weights) > 1:
+      run.print(f"  prior weight {w:g}")
+    params, wall = immunize(c, run, st, erased, bound=bound, prefix=name)
+    sel = ({m: retention_of(p, "select") for m, p in params.items()}
+           if len(weights) > 1 else None)
+    tried[w] = (params, wall, sel)
+  out, walls, matched = {}, {}, {}
+  for m in tried[weights[0]][0]:
+    if len(weights) == 1 or m == "none":
+      w, ok = weights[0], None
+    else:
+      ok_w = [w for w in weights if tried[w][2][m] >= cfg.retention_floor]
+      w = ok_w[0] if ok_w else max(weights, key=lambda v: tried[v][2][m])
+      ok = bool(ok_w)
+    out[m] = tried[w][0][m]
+    walls[m] = float(sum(t[1][m] for t in tried.values()))
+    matched[m] = {"prior_weight": None if m == "none" else w,
+                  "selection_matched": ok,
+                  "swept": None if len(weights) == 1 else {
+                      f"{v:g}": tried[v][2][m] for v in weights}}
+  return out, walls, matched
+
+
+def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
+  """The whole pipeline at ``cfg.seed``: pre-train, erase, immunize (at a
+  matched prior weight when swept), attack; the per-seed summary."""
   st = Setting(cfg)
-  classify, features, clf_acc = classifier(cfg, run, st)
-  pretrained = pretrain(cfg, run, st)
+  classify, features, clf_acc = classifier(cfg, run, st, prefix)
+  pretrained = pretrain(cfg, run, st, prefix)
   erased = erase(cfg, st, pretrained)
   metric = make_metric(st, classify, features)
   metric_jit = jax.jit(metric)
@@ -535,8 +705,15 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   targets_ev = evaluation(cfg, st, list(cfg.concepts),
                           [prompts.concept_prompt(st.vocab, k)
                            for k in cfg.concepts], seed=cfg.seed + 30)
-  retain_ev = evaluation(cfg, st, others, [prompts.concept_prompt(st.vocab, k)
-                                          for k in others], seed=cfg.seed + 41)
+  retain_ev = {draw: evaluation(cfg, st, others, [
+      prompts.concept_prompt(st.vocab, k) for k in others],
+      seed=cfg.seed + offset) for draw, offset in (("report", 41),
+                                                   ("select", 43))}
+
+  def retention_of(params, draw="report"):
+    return float(np.mean(np.asarray(metric_jit(params,
+                                               retain_ev[draw]))[:, 0]))
+
   before = {"pretrained": np.asarray(metric_jit(pretrained, targets_ev)),
             "erased": np.asarray(metric_jit(erased, targets_ev))}
   run.print(f"  concept accuracy of samples: pretrained "
@@ -546,11 +723,15 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   run.print(f"  displacement of the erased model: simulated attacker "
             f"{np.mean(moved['simulated']):.4g}, evaluated attack "
             f"{np.mean(moved['evaluated']):.4g} ({moved['ratio']:.3g}x)")
-  immunized, imm_wall = immunize(cfg, run, st, erased)
-  retention = {m: float(np.mean(np.asarray(metric_jit(p, retain_ev))[:, 0]))
-               for m, p in immunized.items()}
-  retention["pretrained"] = float(np.mean(np.asarray(
-      metric_jit(pretrained, retain_ev))[:, 0]))
+  clean = clean_concept_loss(cfg, st, erased)
+  bound = cfg.ascent_bound * clean if cfg.ascent_bound else None
+  immunized, imm_wall, matched = immunize_matched(
+      cfg, run, st, erased, retention_of, bound=bound, prefix=prefix)
+  retention = {m: retention_of(p) for m, p in immunized.items()}
+  retention["pretrained"] = retention_of(pretrained)
+  for m, r in matched.items():
+    r["retention"] = retention[m]
+    r["matched"] = bool(retention[m] >= cfg.retention_floor)
   target_acc_before = {m: np.asarray(metric_jit(p, targets_ev))[:, 0].tolist()
                        for m, p in immunized.items()}
   curves, attack_wall = attack_all(cfg, run, st, metric, immunized)
@@ -562,7 +743,27 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
           "pretrained": before["pretrained"][:, 0].tolist(),
           **target_acc_before},
       "retention_accuracy_pretrained": retention["pretrained"],
-      "displacement": moved, "displacement_ratio": moved["ratio"],
+      "retention_matched": matched,
+      "ascent_bound": {"factor": cfg.ascent_bound, "clean_loss": clean,
+                       "bound": bound},
+      "displacement": moved, "displacement_ratio": moved["ratio"]})
+  return out
+
+
+def experiment(cfg: Config, run: _runner.Run) -> dict:
+  seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+  runs = []
+  for i, s in enumerate(seeds):
+    if len(seeds) > 1:
+      run.print(f"seed {s} ({i + 1}/{len(seeds)})")
+    runs.append(one_seed(dataclasses.replace(cfg, seed=s), run,
+                         "" if i == 0 else f"seed_{s}/"))
+  out = dict(runs[0])         # the first seed in full, as a one-seed run
+  out.update({
+      "seeds": seeds, "per_seed": runs[1:] and [
+          {k: r[k] for k in ("methods", "retention_matched",
+                             "displacement_ratio")} for r in runs[1:]],
+      "attacks": aggregate(runs),
       "paper": {"imma_table1_sgr": PAPER_IMMA_SGR,
                 "mima_tables": "not available (spec §3.3)"}})
   out["targets"] = targets(cfg, out)
@@ -573,19 +774,37 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   return out
 
 
+def _ratio(a, b):
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
+
+
 def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
   concepts = [str(k) for k in cfg.concepts]
   methods = {}
   for m in METHODS:
     per_attack = {}
     for mode, c in curves.items():
-      for scope in ("per_concept", "joint"):
-        arr = np.asarray(c[scope][m])          # (E, C, 3)
-        wo = np.asarray(c[scope]["none"])
-        acc = {k: arr[:, i, 0].tolist() for i, k in enumerate(concepts)}
-        per_attack[f"{mode}/{scope}"] = {
-            "concept_accuracy": acc,
+      for scope, arrays in c["scopes"].items():
+        arr = np.asarray(arrays[m])            # (E, C, 3)
+        wo = np.asarray(arrays["none"])
+        col = c["collateral"][scope][m]        # (E, C) / (E,) / None
+        if col is None:
+          selectivity = None
+        elif scope == "per_concept":   # attack on k: k over its collateral
+          selectivity = np.nanmax(_ratio(arr[:, :, 0], col), 1).tolist()
+        else:
+          selectivity = _ratio(np.nanmax(arr[:, :, 0], 1), col).tolist()
+        name = mode if mode == "phi_merge" else f"{mode}/{scope}"
+        per_attack[name] = {
+            "concept_accuracy": {k: arr[:, i, 0].tolist()
+                                 for i, k in enumerate(concepts)},
             "worst_concept_accuracy": float(np.nanmax(arr[-1, :, 0])),
+            "worst_concept": np.nanmax(arr[:, :, 0], 1).tolist(),
+            "collateral_accuracy": None if col is None else (
+                np.asarray(col).tolist()),
+            "selectivity": selectivity,
             "feature_similarity": {k: arr[:, i, 1].tolist()
                                    for i, k in enumerate(concepts)},
             "heldout_loss": {k: arr[:, i, 2].tolist()
@@ -597,12 +816,34 @@ def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
             "mean_sgr_concept_accuracy": float(np.nanmean(
                 eval_curves.gap_ratio(wo[1:, :, 0], arr[1:, :, 0]))),
             "diverged": c["diverged"][m],
-            "wall_seconds": attack_wall[mode] / (2 * len(METHODS))}
+            "wall_seconds": attack_wall[mode] / (
+                len(c["scopes"]) * len(METHODS))}
     methods[m] = {"retention_accuracy": retention[m],
                   "wall_seconds": imm_wall[m], "attacks": per_attack}
   steps = next(iter(curves.values()))["steps"]
   return {"methods": methods, "attack_steps": np.asarray(steps).tolist(),
           "attack_wall_seconds": attack_wall, "scheme": cfg.scheme}
+
+
+def aggregate(runs: list[dict]) -> dict:
+  """``attacks.<attack>.<method>.{worst_concept, selectivity}``: mean and
+  sd over seeds at every checkpoint (sd 0 with one seed)."""
+  first = runs[0]["methods"]
+  out = {}
+  for a in first["none"]["attacks"]:
+    out[a] = {}
+    for m in METHODS:
+      per = [r["methods"][m]["attacks"][a] for r in runs]
+      out[a][m] = {}
+      for key in ("worst_concept", "selectivity"):
+        vals = [p[key] for p in per]
+        if any(v is None for v in vals):
+          out[a][m][key] = None
+          continue
+        ms = eval_curves.mean_std(vals)
+        out[a][m][key] = {"mean": ms["mean"], "sd": ms["std"],
+                          "seeds": len(vals)}
+  return out
 
 
 def targets(cfg, out) -> dict:
@@ -621,7 +862,26 @@ def targets(cfg, out) -> dict:
     beats &= (ms["mima"]["attacks"][a]["worst_concept_accuracy"]
               < ms["imma_sequential"]["attacks"][a]["worst_concept_accuracy"])
   base = ms["none"]["retention_accuracy"]
-  return {"mima_well_below_none_at_every_checkpoint":
+  seeds = [ms] + [r["methods"] for r in out.get("per_seed") or []]
+  score = {m: mean_worst_over_seeds(seeds, m) for m in METHODS}
+  two_sd = {}
+  for name, (m, other, attack) in {
+      "mima_below_max_by_2sd": ("mima", "max", None),
+      "mima_below_imma_sequential_by_2sd": ("mima", "imma_sequential", None),
+      "phi_star_below_average_merge_by_2sd_on_phi_merge": (
+          "mima", "mima_average_merge", "phi_merge")}.items():
+    if attack is not None and attack not in ms["none"]["attacks"]:
+      two_sd[name] = None
+      continue
+    x, y = (score[m], score[other]) if attack is None else (
+        mean_worst_over_seeds(seeds, m, [attack]),
+        mean_worst_over_seeds(seeds, other, [attack]))
+    two_sd[name] = (None if len(seeds) < 2 else
+                    bool(eval_curves.differs(x, y) and x["mean"] < y["mean"]))
+  matched = out.get("retention_matched", {})
+  two_sd["every_method_retention_matched"] = bool(all(
+      r["matched"] for m, r in matched.items() if m != "none"))
+  return {**two_sd, "mima_well_below_none_at_every_checkpoint":
               bool(below) if checked else None,
           "mima_beats_imma_sequential_on_worst_concept": bool(beats),
           "mima_retention_within_5pct_of_erased":
@@ -631,8 +891,18 @@ def targets(cfg, out) -> dict:
               for a in ms["none"]["attacks"]))}
 
 
+def mean_worst_over_seeds(seeds: list[dict], method: str,
+                          attacks_: list[str] | None = None) -> dict:
+  """Mean and sd over seeds of ``method``'s mean (over ``attacks_``, default
+  all) final worst-concept accuracy."""
+  return eval_curves.mean_std([float(np.mean([
+      ms[method]["attacks"][a]["worst_concept_accuracy"]
+      for a in (attacks_ or ms[method]["attacks"])])) for ms in seeds])
+
+
 def claims(out) -> list[dict]:
-  """MIMA's and IMMA's claims, graded on this run's targets (one seed)."""
+  """MIMA's and IMMA's claims, graded on this run's targets (the first
+  seed's attacks; the 2-sd targets over seeds are in ``targets``)."""
   t, ms = out["targets"], out["methods"]
   attacks_ = list(ms["none"]["attacks"])
   mean_worst = {m: float(np.mean([ms[m]["attacks"][a]["worst_concept_accuracy"]
@@ -649,7 +919,7 @@ def claims(out) -> list[dict]:
                     "something to protect": t["none_relearns_every_concept"]},
           figure=f"mean worst-concept accuracy over {len(attacks_)} attacks: "
           f"MIMA {n(mean_worst['mima'])}, erased only {n(mean_worst['none'])}"
-          " (one seed)"),
+          f" (seed {out['seeds'][0]})"),
       _claims.graded(
           "Immunizing the concepts jointly (MIMA) protects better than one "
           "after another (sequential IMMA)",
@@ -672,7 +942,9 @@ def notes(cfg, out) -> list[str]:
       f"{cfg.guidance}, {cfg.sample_steps} steps, {cfg.samples} per concept) "
       "that a frozen MLP digit classifier (test accuracy "
       f"{out['classifier_test_accuracy']:.3f}) labels as the concept; "
-      "attacks: Adam, one seed, sklearn digits.",
+      f"attacks: Adam, {len(out['seeds'])} seed(s), sklearn digits; the "
+      "phi_merge attack adapts each concept's K/V alone and merges the "
+      "copies with phi*.",
       f"Scheme: {cfg.scheme} ('unrolled' is the paper's Algorithm 1; "
       "'alternating' the released train.py).",
       "S^u = attn2.* for every method; S^l = the whole denoiser; the prior "
@@ -723,6 +995,30 @@ def notes(cfg, out) -> list[str]:
                  f"{100 * (1 - ms['mima']['retention_accuracy'] / base):.1f}% "
                  f"below the erased model's: the prior term (weight "
                  f"{cfg.prior_weight}) does not hold it within 5%.")
+  seeds = [ms] + [r["methods"] for r in out.get("per_seed") or []]
+  lines.append(
+      f"Over {len(seeds)} seed(s), mean over attacks of the final worst-"
+      "concept accuracy (mean ± sd): " + ", ".join(
+          f"{m} {w['mean']:.3f} ± {w['std']:.3f}" for m, w in (
+              (m, mean_worst_over_seeds(seeds, m)) for m in METHODS))
+      + (" — one seed: no sd, the 2-sd targets are not measured."
+         if len(seeds) < 2 else "."))
+  rm = out.get("retention_matched") or {}
+  if any(r.get("swept") for r in rm.values()):
+    lines.append(
+        f"Prior weight per method (the smallest whose retention on a "
+        f"selection draw reaches {cfg.retention_floor}): " + ", ".join(
+            f"{m} {r['prior_weight']:g} (retention {r['retention']:.3f}"
+            f"{'' if r['matched'] else ', NOT matched'})"
+            for m, r in rm.items() if m != "none") + ".")
+  if cfg.ascent_bound:
+    ab = out["ascent_bound"]
+    lines.append(f"Ascent bound: each concept's loss counts up to "
+                 f"{ab['bound']:.4g} = {cfg.ascent_bound:g} x the erased "
+                 f"model's clean concept loss {ab['clean_loss']:.4g}.")
+  if cfg.sequential_budget == "total":
+    lines.append("Sequential IMMA ran --immunize-steps / concepts outer steps "
+                 "per concept: MIMA's total budget.")
   lines.append("wall_seconds per method is its immunization loop(s) "
                "including their compilation; per attack it is the attack "
                "mode's total time (per-concept and joint, six models) divided "

@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from immunojax import attacks, immunizer
+from immunojax import attacks, immunizer, modes
 from immunojax.data import continual as schedule
 from immunojax.eval import (continual, curves, displacement, generative,
-                            probes, references, relearning)
+                            merge_attack, probes, references, relearning)
 
 
 # ------------------------------------------------------------------ curves
@@ -307,3 +307,45 @@ def test_displacement_of_sgd_and_adam_against_closed_forms(seed):
   np.testing.assert_allclose(
       displacement.displacement(w0, loss, optax.adam(1e-3, eps=1e-12),
                                 batches[:1]), 1e-3 * np.sqrt(5), rtol=1e-8)
+
+
+# ------------------------------------------------------------ merge attack
+def _merge_problem(seed):
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  start = {"a": jax.random.normal(k[0], (3, 2)), "b": jnp.zeros(2)}
+  xs = jax.random.normal(k[1], (2, 12, 3))                 # two concepts
+  ys = jax.random.normal(k[2], (2, 12, 2))
+  loss = lambda p, b: jnp.mean((b[0] @ p["a"] + p["b"] - b[1]) ** 2)
+  probe = jax.random.normal(k[3], (5, 3))
+  metric = lambda p: jnp.sum(probe @ p["a"] + p["b"], axis=0)   # (2,)
+  return start, (xs, ys), loss, metric
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merged_attack_reads_each_copy_as_the_harness_attack_does(seed):
+  """Merging by 'take copy i' gives the harness's attack on concept i
+  alone, checkpoint by checkpoint; the mean merge gives the mean of the
+  copies' parameters (a linear metric: the mean of their metrics)."""
+  start, data, loss, metric = _merge_problem(seed)
+  attack = attacks.Attack("adam", 0.05, 4, "masked", 6, seed=seed + 3)
+  target = attacks.Target(loss_fn=loss, metric_fn=metric, train_data=None,
+                          masked_modes={"masked": ("^a$",)})
+  per = attacks.run_attacks([attack], {"s": start}, {
+      str(i): target._replace(train_data=(data[0][i], data[1][i]))
+      for i in range(2)}, eval_every=2)
+  kw = dict(attacker=modes.masked(("^a$",)), loss_fn=loss,
+            optimizer=optax.adam(0.05), train_data=data, batch_size=4,
+            steps=6, eval_every=2, metric_fn=metric, seed=seed + 3)
+  for i in range(2):
+    take_i = lambda base, adapted, i=i: jax.tree_util.tree_map(
+        lambda a: a[i], adapted)
+    got = merge_attack.merged_attack(start, merge=take_i, **kw)
+    np.testing.assert_allclose(got, per[str(i)].metric["s"][0], rtol=1e-5,
+                               atol=1e-6)
+  mean = lambda base, adapted: jax.tree_util.tree_map(
+      lambda a: jnp.mean(a, 0), adapted)
+  got = merge_attack.merged_attack(start, merge=mean, **kw)
+  want = (per["0"].metric["s"][0] + per["1"].metric["s"][0]) / 2
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="does not divide"):
+    merge_attack.merged_attack(start, merge=mean, **{**kw, "eval_every": 4})

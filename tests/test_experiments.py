@@ -413,7 +413,8 @@ def test_mima_digits_quick_contract(tmp_path):
   assert checkpoints == md.QUICK["attack_steps"] // md.QUICK["eval_every"] + 1
   for m, v in s["methods"].items():
     assert 0 <= v["retention_accuracy"] <= 1 and v["wall_seconds"] >= 0
-    assert set(v["attacks"]) == {"lora/per_concept", "lora/joint"}
+    assert set(v["attacks"]) == {"lora/per_concept", "lora/joint",
+                                 "phi_merge"}
     for a in v["attacks"].values():
       acc = a["concept_accuracy"]
       assert set(acc) == {"1", "3", "7"}
@@ -434,6 +435,30 @@ def test_mima_digits_quick_contract(tmp_path):
   assert all(x > 0 for x in mv["simulated"] + mv["evaluated"])
   assert s["displacement_ratio"] == pytest.approx(
       np.mean(mv["evaluated"]) / np.mean(mv["simulated"]))
+  # issue 29's contract: mean and sd over seeds per checkpoint, the
+  # phi_merge attack, the prior weight each method ran at
+  assert set(s["attacks"]) == {"lora/per_concept", "lora/joint", "phi_merge"}
+  for a, per_method in s["attacks"].items():
+    assert set(per_method) == set(md.METHODS)
+    for m, v in per_method.items():
+      got = s["methods"][m]["attacks"][a]
+      acc = np.asarray(list(got["concept_accuracy"].values()))
+      assert v["worst_concept"]["mean"] == pytest.approx(acc.max(0).tolist())
+      assert v["worst_concept"]["sd"] == [0.0] * checkpoints   # one seed
+      assert len(v["selectivity"]["mean"]) == checkpoints
+      if a != "lora/per_concept":      # worst concept over collateral
+        assert v["selectivity"]["mean"] == pytest.approx(
+            (acc.max(0) / np.asarray(got["collateral_accuracy"])).tolist())
+  for m, v in s["methods"].items():   # phi* of unchanged copies: the model
+    assert [c[0] for c in v["attacks"]["phi_merge"][
+        "concept_accuracy"].values()] == pytest.approx(
+            s["concept_accuracy_before_attack"][m],
+            abs=1.5 / md.QUICK["samples"])
+  rm = s["retention_matched"]
+  assert rm["none"]["prior_weight"] is None
+  assert all(rm[m]["prior_weight"] == md.Config.prior_weight
+             and rm[m]["retention"] == s["methods"][m]["retention_accuracy"]
+             for m in md.METHODS if m != "none")
   assert s["notes"] and (out / "concept_accuracy.png").exists()
 
 
@@ -455,6 +480,17 @@ def test_mima_sampler_gives_each_concept_k_lower_steps():
         np.broadcast_to(want, (12, want.shape[0])))
   # the K steps draw different rows
   assert not np.array_equal(b["lower"]["x"][0, 0], b["lower"]["x"][0, 1])
+  # --prior-null: the first rows of the prior batch carry the null prompt,
+  # the rest their own digit's; the images are the same draw
+  cfg_null = md.Config(**{**md.QUICK, "inner_steps": 3, "batch": 4,
+                          "prior_null": 0.5})
+  bn = md.make_sampler(st, cfg_null, jax.random.PRNGKey(0))((d, jnp.eye(3)),
+                                                            7)
+  toks = np.asarray(bn["prior"]["tokens"])
+  np.testing.assert_array_equal(toks[:2], np.broadcast_to(
+      np.asarray(st.null), (2, toks.shape[1])))
+  np.testing.assert_array_equal(toks[2:], np.asarray(b["prior"]["tokens"])[2:])
+  np.testing.assert_array_equal(bn["prior"]["x"], b["prior"]["x"])
 
 
 def test_study_grid_helpers():
