@@ -46,8 +46,8 @@ from experiments import _claims, _cli, _config, _plots, _pretrain, _runner
 from immunojax import attacks, data, diffusion, lora, models, modes
 from immunojax.data import prompts
 from immunojax.immunizer import supervised
-from immunojax.eval import (curves as eval_curves, displacement, generative,
-                            merge_attack)
+from immunojax.eval import (concepts, curves as eval_curves, displacement,
+                            generative, merge_attack)
 from immunojax.methods import imma
 from immunojax.optimizers import OPTIMIZERS, make_optimizer
 
@@ -330,10 +330,10 @@ def merge_keys(cfg: Config, st: Setting):
 
 
 # -------------------------------------------------------------- immunize
-def immunization_data(cfg: Config, st: Setting, concepts):
+def immunization_data(cfg: Config, st: Setting, digits):
   """Per-concept images (truncated to a common count) with their prompts,
   and the prior set (non-target digits, own prompts)."""
-  xs = [st.images(k) for k in concepts]
+  xs = [st.images(k) for k in digits]
   n = min(len(x) for x in xs)
   others = [k for k in range(10) if k not in cfg.concepts]
   prior_x = np.concatenate([st.images(k) for k in others])
@@ -341,51 +341,17 @@ def immunization_data(cfg: Config, st: Setting, concepts):
                                       (len(st.images(k)), 1)) for k in others])
   return {"x": jnp.asarray(np.stack([x[:n] for x in xs]), jnp.float32),
           "tokens": jnp.asarray(np.stack([np.tile(prompts.concept_prompt(
-              st.vocab, k), (n, 1)) for k in concepts])),
+              st.vocab, k), (n, 1)) for k in digits])),
           "prior_x": jnp.asarray(prior_x, jnp.float32),
           "prior_tokens": jnp.asarray(prior_tok)}
 
 
 def make_sampler(st: Setting, cfg: Config, key):
-  """``sample((data, pools), t)``, the batch of step ``t`` for
-  :meth:`Run.fit`. ``pools`` ``(S, C)``: slot ``s`` of the lower and upper
-  batches draws each row from concept ``c`` with probability proportional
-  to ``pools[s, c]`` (the identity: one slot per concept, MIMA; a one-hot
-  row: IMMA on that concept; a row of ones: IMMA on the pooled concepts),
-  so IMMA per concept and on the pool share one compilation. Rows are drawn
-  with replacement, a pure function of the step (resuming is exact). The
+  """:func:`immunojax.eval.concepts.concept_sampler` at this config: the
   first ``round(prior_null * batch)`` prior rows carry the null prompt."""
-  null_rows = round(cfg.prior_null * cfg.batch)
-
-  def sample(data, t):
-    d, pools = data
-    k = jax.random.fold_in(key, t)
-    n = d["x"].shape[1]
-    slots = pools.shape[0]
-
-    def slot_batch(kk, steps):
-      """``(slots, steps, batch, ...)``; ``steps=None``: no step axis."""
-      kc, kr, kn = jax.random.split(kk, 3)
-      rows = cfg.batch * (steps or 1)
-      concept = jax.random.categorical(
-          kc, jnp.log(pools)[:, None, :], axis=-1, shape=(slots, rows))
-      row = jax.random.randint(kr, (slots, rows), 0, n)
-      b = st.draw(kn, d["x"][concept, row], d["tokens"][concept, row])
-      shape = (slots,) if steps is None else (slots, steps)
-      return jax.tree_util.tree_map(
-          lambda a: a.reshape(shape + (cfg.batch,) + a.shape[2:]), b)
-
-    pidx = jax.random.randint(jax.random.fold_in(k, 3), (cfg.batch,), 0,
-                              d["prior_x"].shape[0])
-    prior = st.draw(jax.random.fold_in(k, 4), d["prior_x"][pidx],
-                    d["prior_tokens"][pidx])
-    if null_rows:        # the unconditional branch that guidance reads
-      prior["tokens"] = prior["tokens"].at[:null_rows].set(st.null)
-    return {"lower": slot_batch(jax.random.fold_in(k, 1), cfg.inner_steps),
-            "upper": slot_batch(jax.random.fold_in(k, 2), None),
-            "prior": prior}
-
-  return sample
+  return concepts.concept_sampler(
+      st.draw, key, batch=cfg.batch, lower_steps=cfg.inner_steps,
+      null_rows=round(cfg.prior_null * cfg.batch), null_tokens=st.null)
 
 
 def immunize(cfg: Config, run: _runner.Run, st: Setting, erased, *,
@@ -680,9 +646,8 @@ def immunize_matched(cfg: Config, run: _runner.Run, st: Setting, erased,
     if len(weights) == 1 or m == "none":
       w, ok = weights[0], None
     else:
-      ok_w = [w for w in weights if tried[w][2][m] >= cfg.retention_floor]
-      w = ok_w[0] if ok_w else max(weights, key=lambda v: tried[v][2][m])
-      ok = bool(ok_w)
+      w, ok = concepts.matched_weight({v: tried[v][2][m] for v in weights},
+                                      cfg.retention_floor)
     out[m] = tried[w][0][m]
     walls[m] = float(sum(t[1][m] for t in tried.values()))
     matched[m] = {"prior_weight": None if m == "none" else w,
@@ -774,47 +739,17 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   return out
 
 
-def _ratio(a, b):
-  a, b = np.asarray(a, float), np.asarray(b, float)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
-
-
 def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
-  concepts = [str(k) for k in cfg.concepts]
+  names = [str(k) for k in cfg.concepts]
   methods = {}
   for m in METHODS:
     per_attack = {}
     for mode, c in curves.items():
       for scope, arrays in c["scopes"].items():
-        arr = np.asarray(arrays[m])            # (E, C, 3)
-        wo = np.asarray(arrays["none"])
-        col = c["collateral"][scope][m]        # (E, C) / (E,) / None
-        if col is None:
-          selectivity = None
-        elif scope == "per_concept":   # attack on k: k over its collateral
-          selectivity = np.nanmax(_ratio(arr[:, :, 0], col), 1).tolist()
-        else:
-          selectivity = _ratio(np.nanmax(arr[:, :, 0], 1), col).tolist()
         name = mode if mode == "phi_merge" else f"{mode}/{scope}"
-        per_attack[name] = {
-            "concept_accuracy": {k: arr[:, i, 0].tolist()
-                                 for i, k in enumerate(concepts)},
-            "worst_concept_accuracy": float(np.nanmax(arr[-1, :, 0])),
-            "worst_concept": np.nanmax(arr[:, :, 0], 1).tolist(),
-            "collateral_accuracy": None if col is None else (
-                np.asarray(col).tolist()),
-            "selectivity": selectivity,
-            "feature_similarity": {k: arr[:, i, 1].tolist()
-                                   for i, k in enumerate(concepts)},
-            "heldout_loss": {k: arr[:, i, 2].tolist()
-                             for i, k in enumerate(concepts)},
-            "heldout_loss_gap": np.nanmean(arr[:, :, 2] - wo[:, :, 2],
-                                           axis=1).tolist(),
-            "mean_sgr_feature_similarity": float(np.nanmean(
-                eval_curves.gap_ratio(wo[1:, :, 1], arr[1:, :, 1]))),
-            "mean_sgr_concept_accuracy": float(np.nanmean(
-                eval_curves.gap_ratio(wo[1:, :, 0], arr[1:, :, 0]))),
+        per_attack[name] = {**concepts.attack_scores(
+            arrays[m], arrays["none"], c["collateral"][scope][m],
+            concepts=names, per_concept=scope == "per_concept"),
             "diverged": c["diverged"][m],
             "wall_seconds": attack_wall[mode] / (
                 len(c["scopes"]) * len(METHODS))}
@@ -828,22 +763,10 @@ def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
 def aggregate(runs: list[dict]) -> dict:
   """``attacks.<attack>.<method>.{worst_concept, selectivity}``: mean and
   sd over seeds at every checkpoint (sd 0 with one seed)."""
-  first = runs[0]["methods"]
-  out = {}
-  for a in first["none"]["attacks"]:
-    out[a] = {}
-    for m in METHODS:
-      per = [r["methods"][m]["attacks"][a] for r in runs]
-      out[a][m] = {}
-      for key in ("worst_concept", "selectivity"):
-        vals = [p[key] for p in per]
-        if any(v is None for v in vals):
-          out[a][m][key] = None
-          continue
-        ms = eval_curves.mean_std(vals)
-        out[a][m][key] = {"mean": ms["mean"], "sd": ms["std"],
-                          "seeds": len(vals)}
-  return out
+  return {a: {m: {key: concepts.over_seeds(
+      [r["methods"][m]["attacks"][a][key] for r in runs])
+      for key in ("worst_concept", "selectivity")} for m in METHODS}
+      for a in runs[0]["methods"]["none"]["attacks"]}
 
 
 def targets(cfg, out) -> dict:

@@ -8,8 +8,9 @@ import pytest
 
 from immunojax import attacks, immunizer, modes
 from immunojax.data import continual as schedule
-from immunojax.eval import (continual, curves, displacement, generative,
-                            merge_attack, probes, references, relearning)
+from immunojax.eval import (concepts, continual, curves, displacement,
+                            generative, merge_attack, probes, references,
+                            relearning)
 
 
 # ------------------------------------------------------------------ curves
@@ -349,3 +350,79 @@ def test_merged_attack_reads_each_copy_as_the_harness_attack_does(seed):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="does not divide"):
     merge_attack.merged_attack(start, merge=mean, **{**kw, "eval_every": 4})
+
+
+# ---------------------------------------------------------------- concepts
+def test_attack_scores_against_hand_computed_worst_concept_and_selectivity():
+  acc = np.array([[0.1, 0.2], [0.5, 0.3], [0.4, 0.9]])       # (E=3, C=2)
+  wo_acc = np.array([[0.2, 0.2], [0.8, 0.6], [0.8, 1.0]])
+  feat = np.full((3, 2), 0.5)
+  curves = np.stack([acc, feat, np.ones((3, 2))], -1)
+  undefended = np.stack([wo_acc, feat * 2, 2 * np.ones((3, 2))], -1)
+  col = np.array([[0.5, 1.0], [0.5, 0.0], [1.0, 0.5]])       # per concept
+  s = concepts.attack_scores(curves, undefended, col, concepts=["a", "b"],
+                             per_concept=True)
+  assert s["concept_accuracy"] == {"a": [0.1, 0.5, 0.4], "b": [0.2, 0.3, 0.9]}
+  assert s["worst_concept"] == [0.2, 0.5, 0.9]
+  assert s["worst_concept_accuracy"] == 0.9
+  # concept k over the collateral of the attack on k; 0 collateral: no data
+  np.testing.assert_allclose(s["selectivity"], [0.2, 1.0, 1.8])
+  assert s["heldout_loss_gap"] == [-1.0, -1.0, -1.0]
+  # IMMA's gap ratios after checkpoint 0: accuracy (ref - ours) / ref
+  want = np.mean([(0.8 - 0.5) / 0.8, (0.6 - 0.3) / 0.6, (0.8 - 0.4) / 0.8,
+                  (1.0 - 0.9) / 1.0]) * 100
+  assert s["mean_sgr_concept_accuracy"] == pytest.approx(want)
+  assert s["mean_sgr_feature_similarity"] == pytest.approx(50.0)
+  joint = concepts.attack_scores(curves, undefended, np.array([0.5, 1, 0]),
+                                 concepts=["a", "b"], per_concept=False)
+  np.testing.assert_allclose(joint["selectivity"], [0.4, 0.5, np.nan])
+  assert concepts.attack_scores(curves, undefended, None, concepts=["a", "b"],
+                                per_concept=False)["selectivity"] is None
+  with pytest.raises(ValueError, match="checkpoints, 3, 3"):
+    concepts.attack_scores(curves, undefended, None, concepts=["a"] * 3,
+                           per_concept=True)
+
+
+def test_over_seeds_and_matched_weight():
+  o = concepts.over_seeds([[0.2, 0.4], [0.4, 0.8]])
+  assert o["mean"] == pytest.approx([0.3, 0.6])
+  assert o["sd"] == pytest.approx([0.1, 0.2]) and o["seeds"] == 2
+  assert concepts.over_seeds([[0.1], None]) is None
+  assert concepts.matched_weight({2.0: 0.95, 0.5: 0.90, 1.0: 0.94},
+                                 0.93) == (1.0, True)
+  assert concepts.matched_weight({2.0: 0.91, 0.5: 0.80, 1.0: 0.92},
+                                 0.93) == (1.0, False)
+  with pytest.raises(ValueError, match="no weights"):
+    concepts.matched_weight({}, 0.9)
+
+
+def test_concept_sampler_slots_pools_and_null_rows():
+  c, n, batch = 3, 10, 4
+  data = {"x": jnp.arange(c)[:, None, None] * jnp.ones((c, n, 2)),
+          "tokens": jnp.arange(c)[:, None, None] * jnp.ones((c, n, 3),
+                                                             jnp.int32),
+          "prior_x": jnp.full((7, 2), 9.0),
+          "prior_tokens": jnp.full((7, 3), 9, jnp.int32)}
+  draw = lambda key, x, t: {"x": x, "tokens": t}
+  null = jnp.asarray([0, 0, 1], jnp.int32)
+  sample = concepts.concept_sampler(draw, jax.random.PRNGKey(0), batch=batch,
+                                    lower_steps=2, null_rows=1,
+                                    null_tokens=null)
+  b = sample((data, jnp.eye(c)), 5)
+  assert b["lower"]["x"].shape == (c, 2, batch, 2)
+  assert b["upper"]["x"].shape == (c, batch, 2)
+  for slot in range(c):          # the identity: slot s draws concept s only
+    assert np.all(np.asarray(b["lower"]["x"][slot]) == slot)
+    assert np.all(np.asarray(b["upper"]["tokens"][slot]) == slot)
+  np.testing.assert_array_equal(b["prior"]["tokens"][0], null)
+  assert np.all(np.asarray(b["prior"]["tokens"][1:]) == 9)
+  one_hot = sample((data, jnp.eye(c)[1:2]), 5)  # IMMA on concept 1
+  assert np.all(np.asarray(one_hot["lower"]["x"]) == 1)
+  pooled = sample((data, jnp.ones((1, c))), 5)
+  assert len(np.unique(np.asarray(pooled["lower"]["x"]))) > 1
+  # a pure function of the step
+  again = sample((data, jnp.eye(c)), 5)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, b, again)
+  with pytest.raises(ValueError, match="null_tokens"):
+    concepts.concept_sampler(draw, jax.random.PRNGKey(0), batch=batch,
+                             lower_steps=1, null_rows=1)

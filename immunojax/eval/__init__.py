@@ -16,18 +16,20 @@ table and a user's own study share.
 * :mod:`~immunojax.eval.probes`: linear probes on frozen features.
 * :mod:`~immunojax.eval.displacement`: how far an attacker moves a model
   (simulated vs evaluated attacker).
+* :mod:`~immunojax.eval.concepts`: multi-concept immunization (IMMA / MIMA):
+  its batches, per-concept attack scores (worst concept, selectivity),
+  mean and sd over seeds, the utility-matched prior weight.
 * :mod:`~immunojax.eval.merge_attack`: each concept adapted alone, the copies
   merged (the attack a merge layer is for).
 """
 
-from immunojax.eval import (continual, curves, displacement, forgetting,
-                            generative, merge_attack, probes, references,
-                            relearning)
+from immunojax.eval import (concepts, continual, curves, displacement,
+                            forgetting, generative, merge_attack, probes,
+                            references, relearning)
 from immunojax.eval.curves import (best_curve, differs, gap_ratio, mean_std,
                                    select, selected_curve, steps_to_threshold)
 
-__all__ = ["best_curve", "continual", "curves", "differs", "displacement",
-           "forgetting", "gap_ratio", "generative", "mean_std",
-           "merge_attack", "probes",
-           "references", "relearning", "select", "selected_curve",
-           "steps_to_threshold"]
+__all__ = ["best_curve", "concepts", "continual", "curves", "differs",
+           "displacement", "forgetting", "gap_ratio", "generative",
+           "mean_std", "merge_attack", "probes", "references", "relearning",
+           "select", "selected_curve", "steps_to_threshold"]
