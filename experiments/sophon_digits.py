@@ -198,15 +198,9 @@ def target(apply, dom) -> attacks.Target:
 def protocol(cfg, run, starts, tgt, rates, epochs, seed):
   """SOPHON's paper protocol (full fine-tuning, SGD momentum 0.9, wd 1e-4,
   every epoch) at each rate: ``{start: (rates, epochs + 1, 2)}``."""
-  n = tgt.train_data[0].shape[0]
-  att, every = [], None
-  for lr in rates:
-    a, every = references.epoch_attack(
-        optimizer="momentum_wd", learning_rate=lr,
-        batch_size=cfg.attack_batch, epochs=epochs, num_train=n, seed=seed)
-    att.append(a)
-  c = attacks.run_attacks(att, dict(starts), tgt, eval_every=every,
-                          attack_map=run.grid_map())
+  c = references.paper_protocol(starts, tgt, learning_rate=list(rates),
+                                batch_size=cfg.attack_batch, epochs=epochs,
+                                seed=seed, attack_map=run.grid_map())
   return {s: np.asarray(m, float) for s, m in c.metric.items()}
 
 

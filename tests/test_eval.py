@@ -200,6 +200,12 @@ def test_paper_protocol_evaluates_once_per_epoch():
   c = references.paper_protocol({"s": jnp.zeros((2, 2))}, target,
                                 learning_rate=0.1, batch_size=4, epochs=3)
   assert c.steps["s"].tolist() == [0, 2, 4, 6]
+  # several rates: one attacker each, the single-rate curve among them
+  many = references.paper_protocol({"s": jnp.zeros((2, 2))}, target,
+                                   learning_rate=(1e-3, 0.1), batch_size=4,
+                                   epochs=3)
+  assert [a.learning_rate for a in many.attacks] == [1e-3, 0.1]
+  np.testing.assert_allclose(many.metric["s"][1], c.metric["s"][0])
 
 
 # -------------------------------------------------------------- generative

@@ -33,19 +33,28 @@ def epoch_attack(*, optimizer, learning_rate: float, batch_size: int,
 
 
 def paper_protocol(starts: Mapping[str, PyTree], target: attacks.Target, *,
-                   learning_rate: float, batch_size: int, epochs: int,
-                   optimizer="momentum_wd", mode: str = "full",
+                   learning_rate: float | Sequence[float], batch_size: int,
+                   epochs: int, optimizer="momentum_wd", mode: str = "full",
+                   seed: int = 0,
                    attack_map: Callable = jax.vmap) -> attacks.AttackCurves:
   """SOPHON's protocol: every start fine-tuned by one attacker (default
   full fine-tuning, SGD momentum 0.9, weight decay 1e-4) for ``epochs``
-  epochs, the metric taken before and after every epoch."""
+  epochs, the metric taken before and after every epoch.
+
+  ``learning_rate``: one rate, or several (one attacker each, in that
+  order, vmapped together: e.g. a calibration sweep or a robustness row).
+  """
   n = jax.tree_util.tree_leaves(target.train_data)[0].shape[0]
-  attack, every = epoch_attack(optimizer=optimizer,
-                               learning_rate=learning_rate,
-                               batch_size=batch_size, epochs=epochs,
-                               num_train=n, mode=mode)
-  return attacks.run_attacks([attack], dict(starts), target,
-                             eval_every=every, attack_map=attack_map)
+  rates = ([learning_rate] if np.ndim(learning_rate) == 0
+           else list(learning_rate))
+  att, every = [], None
+  for lr in rates:
+    a, every = epoch_attack(optimizer=optimizer, learning_rate=lr,
+                            batch_size=batch_size, epochs=epochs,
+                            num_train=n, mode=mode, seed=seed)
+    att.append(a)
+  return attacks.run_attacks(att, dict(starts), target, eval_every=every,
+                             attack_map=attack_map)
 
 
 def against_references(curves: Mapping[str, Sequence[float]], *,
