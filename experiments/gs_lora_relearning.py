@@ -35,13 +35,12 @@ import dataclasses
 import math
 from typing import Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import _claims, _cli, _config, _options, _plots, _runner
 from experiments import gs_lora_digits as gsd
 from immunojax import attacks
+from immunojax.eval import probes as eval_probes
 from immunojax.bench import metrics
 
 Probe = Literal["head_only", "reinit_head", "full", "lora"]
@@ -133,15 +132,14 @@ def variant(cfg: Config, name: str):
 def linear_probe_accuracy(ctx: dict, params) -> float:
   """Depth: a least-squares head (with bias) on the frozen features of every
   training image, scored (argmax over ten classes) on the forgotten
-  classes' test images."""
+  classes' test images (:func:`immunojax.eval.probes.
+  least_squares_accuracy`)."""
   forward, ev = ctx["forward"], ctx["evaluator"]
-  feats = lambda x: jnp.concatenate(
-      [forward(params, x, None, None)[1], jnp.ones((x.shape[0], 1))], 1)
-  w = attacks.least_squares_probe(
-      feats(ctx["x_train"]), jax.nn.one_hot(ctx["y_train"], 10))
+  feats = lambda x: forward(params, x, None, None)[1]
   forgot = np.isin(ev.y, list(ctx["tasks"][0].forget))
-  pred = np.asarray(jnp.argmax(feats(ev.x[forgot]) @ w, -1))
-  return float(np.mean(pred == ev.y[forgot]))
+  return eval_probes.least_squares_accuracy(
+      feats(ctx["x_train"]), ctx["y_train"], feats(ev.x[forgot]),
+      ev.y[forgot], num_classes=10)
 
 
 def probe_starts(cfg: Config, run: _runner.Run, ctx: dict, starts: dict,

@@ -243,6 +243,17 @@ def test_line_search_probe_reaches_least_squares_and_gram_extremes():
                              [ev[0], ev[-1]], rtol=1e-10)
 
 
+def test_least_squares_accuracy_reads_what_the_features_encode():
+  y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
+  onehot = jnp.eye(3)[y]                    # features = the label: all read
+  assert probes.least_squares_accuracy(onehot, y, onehot, y,
+                                       num_classes=3) == 1.0
+  blank = jnp.zeros((8, 4))                 # nothing: the bias alone, the
+  y_test = np.array([0, 0, 1, 2])           # most frequent class (0)
+  assert probes.least_squares_accuracy(blank, y, blank[:4], y_test,
+                                       num_classes=3) == 0.5
+
+
 # ------------------------------------------------------ SOPHON calibration
 def test_calibrate_takes_the_largest_rate_that_keeps_the_margin():
   rates = [1e-3, 3e-3, 1e-2]

@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from immunojax import attacks, models, spectral
 
@@ -37,6 +38,24 @@ def line_search_probe(f_train, y_train, f_test, y_test, *, steps: int,
   r0, a0 = measure(w0)
   return (jnp.concatenate([r0[None], ratio]),
           jnp.concatenate([jnp.asarray(a0, acc.dtype)[None], acc]))
+
+
+def least_squares_accuracy(f_train, y_train, f_test, y_test, *,
+                           num_classes: int) -> float:
+  """The depth of what features still encode: accuracy on ``(f_test,
+  y_test)`` of the minimum-norm least-squares head (with a bias) fitted to
+  one-hot ``y_train`` -- what any exact solver reads from frozen features
+  in one step, however slowly gradient descent would get there.
+
+  Returns:
+    The share of test rows whose argmax over ``num_classes`` is the label.
+  """
+  with_bias = lambda f: jnp.concatenate([f, jnp.ones((f.shape[0], 1),
+                                                     f.dtype)], 1)
+  w = attacks.least_squares_probe(with_bias(f_train),
+                                  jax.nn.one_hot(y_train, num_classes))
+  pred = np.asarray(jnp.argmax(with_bias(f_test) @ w, -1))
+  return float(np.mean(pred == np.asarray(y_test)))
 
 
 def gram_extremes(features) -> dict:
