@@ -801,6 +801,19 @@ def targets(cfg, out) -> dict:
         mean_worst_over_seeds(seeds, other, [attack]))
     two_sd[name] = (None if len(seeds) < 2 else
                     bool(eval_curves.differs(x, y) and x["mean"] < y["mean"]))
+  # every checkpoint, seeds' means: where the erased model re-learned a
+  # concept (worst >= 0.5), MIMA's worst concept at most half of it
+  half, seen = True, 0
+  for a, per in out["attacks"].items():
+    if not a.startswith(("lora/", "kv/", "phi_merge")):
+      continue
+    for wo, w in zip(per["none"]["worst_concept"]["mean"][1:],
+                     per["mima"]["worst_concept"]["mean"][1:]):
+      if wo >= 0.5:
+        seen += 1
+        half &= w <= 0.5 * wo
+  two_sd["mima_worst_le_half_erased_lora_kv_every_checkpoint"] = (
+      bool(half) if seen else None)
   matched = out.get("retention_matched", {})
   two_sd["every_method_retention_matched"] = bool(all(
       r["matched"] for m, r in matched.items() if m != "none"))
@@ -926,6 +939,22 @@ def notes(cfg, out) -> list[str]:
               (m, mean_worst_over_seeds(seeds, m)) for m in METHODS))
       + (" — one seed: no sd, the 2-sd targets are not measured."
          if len(seeds) < 2 else "."))
+  for m, other, attack in (("mima", "max", None),
+                           ("mima", "imma_sequential", None),
+                           ("mima", "mima_average_merge", "phi_merge")):
+    if attack is not None and attack not in ms["none"]["attacks"]:
+      continue
+    x = mean_worst_over_seeds(seeds, m, attack and [attack])
+    y = mean_worst_over_seeds(seeds, other, attack and [attack])
+    spread = 2 * max(x["std"], y["std"])
+    verdict = ("no sd (one seed)" if len(seeds) < 2 else
+               "MIMA lower by more than 2 sd" if (
+                   y["mean"] - x["mean"] > spread) else "no difference")
+    lines.append(
+        f"{m} vs {other} ({attack or 'mean over attacks'}, final worst "
+        f"concept): {x['mean']:.3f} vs {y['mean']:.3f}, difference "
+        f"{y['mean'] - x['mean']:+.3f} against 2 sd = {spread:.3f}: "
+        f"{verdict}; displacement ratio {out['displacement_ratio']:.3g}.")
   rm = out.get("retention_matched") or {}
   if any(r.get("swept") for r in rm.values()):
     lines.append(

@@ -429,7 +429,14 @@ def test_mima_digits_quick_contract(tmp_path):
                                   abs=1.5 / md.QUICK["samples"])
   assert set(s["targets"]) >= {"mima_well_below_none_at_every_checkpoint",
                                 "mima_beats_imma_sequential_on_worst_concept",
-                                "mima_retention_within_5pct_of_erased"}
+                                "mima_retention_within_5pct_of_erased",
+                                "mima_below_max_by_2sd",
+                                "mima_below_imma_sequential_by_2sd",
+                                "every_method_retention_matched"}
+  assert {"phi_star_below_average_merge_by_2sd_on_phi_merge",
+          "mima_worst_le_half_erased_lora_kv_every_checkpoint"} <= set(
+              s["targets"])
+  assert s["targets"]["mima_below_max_by_2sd"] is None      # one seed: no sd
   mv = s["displacement"]           # simulated vs evaluated attacker (issue 29)
   assert len(mv["simulated"]) == len(mv["evaluated"]) == 3
   assert all(x > 0 for x in mv["simulated"] + mv["evaluated"])
