@@ -457,20 +457,12 @@ def attacker_displacement(cfg: Config, st: Setting, params) -> dict:
 
 # ---------------------------------------------------------------- attack
 def evaluation(cfg: Config, st: Setting, digits, prompt_rows, *, seed):
-  """eval_data for a set of concepts: prompts, labels, sampling noise,
-  reference features and held-out denoising draws."""
-  rng = np.random.default_rng(seed)
-  held = [st.images(k, train=False) for k in digits]
-  h = min(len(x) for x in held)
-  hx = np.stack([x[:h] for x in held])
-  return {"prompt": jnp.asarray(np.stack(prompt_rows)),
-          "label": jnp.asarray(digits, jnp.int32),
-          "noise": jnp.asarray(rng.normal(size=(len(digits), cfg.samples, 64)),
-                               jnp.float32),
-          "ref": jnp.asarray(hx, jnp.float32),
-          "t": jnp.asarray(rng.integers(0, cfg.timesteps, hx.shape[:2]),
-                           jnp.int32),
-          "eps": jnp.asarray(rng.normal(size=hx.shape), jnp.float32)}
+  """eval_data for a set of concepts (:func:`immunojax.eval.generative.
+  judge_data`): prompts, labels, sampling noise, held-out real images and
+  denoising draws."""
+  return generative.judge_data(
+      prompt_rows, digits, [st.images(k, train=False) for k in digits],
+      samples=cfg.samples, num_timesteps=cfg.timesteps, seed=seed)
 
 
 def make_metric(st: Setting, classify, features):

@@ -228,6 +228,22 @@ def test_judge_metric_on_a_known_sampler():
       == pytest.approx(1 / 3)
 
 
+def test_judge_data_draws_once_per_seed_and_truncates_to_the_smallest_set():
+  held = [np.full((5, 4), 1.0), np.full((3, 4), 2.0)]
+  kw = dict(samples=6, num_timesteps=10, seed=3)
+  ev = generative.judge_data([[1, 2], [1, 3]], [4, 7], held, **kw)
+  assert ev["noise"].shape == (2, 6, 4) and ev["ref"].shape == (2, 3, 4)
+  assert ev["t"].shape == ev["eps"].shape[:2] == (2, 3)
+  assert ev["label"].dtype == jnp.int32 and ev["label"].tolist() == [4, 7]
+  np.testing.assert_array_equal(ev["ref"][1], 2.0)
+  assert 0 <= int(ev["t"].min()) and int(ev["t"].max()) < 10
+  again = generative.judge_data([[1, 2], [1, 3]], [4, 7], held, **kw)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, ev, again)
+  other = generative.judge_data([[1, 2], [1, 3]], [4, 7], held,
+                                **{**kw, "seed": 4})
+  assert not np.array_equal(ev["noise"], other["noise"])
+
+
 # ------------------------------------------------------------------ probes
 def test_line_search_probe_reaches_least_squares_and_gram_extremes():
   key = jax.random.PRNGKey(0)

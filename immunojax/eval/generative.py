@@ -9,10 +9,11 @@ functions are pure and jit-able.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def unit_rows(f: jax.Array) -> jax.Array:
@@ -61,3 +62,33 @@ def judge_metric(*, sample: Callable, classify: Callable,
     return jax.vmap(lambda *a: one(params, *a))(
         ev["prompt"], ev["label"], ev["noise"], ev["ref"], ev["t"], ev["eps"])
   return metric
+
+
+def judge_data(prompts: Sequence, labels: Sequence[int],
+               heldout: Sequence[np.ndarray], *, samples: int,
+               num_timesteps: int, seed: int) -> dict:
+  """The ``ev`` of :func:`judge_metric` for ``C`` concepts, drawn once.
+
+  Args:
+    prompts: ``C`` token rows (each concept's prompt).
+    labels: the judge's class of each concept.
+    heldout: ``C`` arrays of real held-out images ``(n_c, D)`` (truncated
+      to the smallest ``n_c``).
+    samples: samples per concept.
+    num_timesteps: the diffusion's timesteps (held-out draws of ``t``).
+    seed: numpy seed of the sampling noise and the held-out draws.
+
+  Returns:
+    ``{"prompt", "label", "noise" (C, samples, D), "ref", "t", "eps"}``.
+  """
+  rng = np.random.default_rng(seed)
+  h = min(len(x) for x in heldout)
+  hx = np.stack([np.asarray(x)[:h] for x in heldout])
+  return {"prompt": jnp.asarray(np.stack(prompts)),
+          "label": jnp.asarray(labels, jnp.int32),
+          "noise": jnp.asarray(rng.normal(size=(len(labels), samples,
+                                                hx.shape[-1])), jnp.float32),
+          "ref": jnp.asarray(hx, jnp.float32),
+          "t": jnp.asarray(rng.integers(0, num_timesteps, hx.shape[:2]),
+                           jnp.int32),
+          "eps": jnp.asarray(rng.normal(size=hx.shape), jnp.float32)}
