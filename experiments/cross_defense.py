@@ -36,7 +36,8 @@ from flax import nnx
 from experiments import (_cli, _config, _cross_defense_report, _options,
                          _pretrain, _runner)
 from immunojax import attacks, eval as ev, lora, losses, models
-from immunojax.bench import defenses as bd, metrics, table as bt
+from immunojax.bench import (curves as bc, defenses as bd, metrics,
+                             table as bt)
 from immunojax.data import load_digits
 from immunojax.methods import cond_num
 
@@ -218,60 +219,13 @@ def attack_grid(cfg, rates, tgts):
   return out
 
 
-def start_curves(cfg, grid, curves, name, nv) -> dict:
-  """Concatenates the data sizes' curves of one start into the arrays of a
-  :class:`~immunojax.bench.table.StartCurves` (confirmations added later)."""
-  parts = {k: [] for k in ("labels", "modes", "lr", "opt", "val", "test",
-                           "util", "div")}
-  for size, attack_list in grid.items():
-    c = curves[size]
-    m = c.metric[name]
-    parts["labels"] += [f"{a.label} [{size}]" for a in attack_list]
-    parts["modes"] += [a.mode for a in attack_list]
-    parts["opt"] += [a.optimizer_name for a in attack_list]
-    parts["lr"] += [np.nan if a.learning_rate is None else a.learning_rate
-                    for a in attack_list]
-    parts["val"].append(m[:, :, :nv].mean(-1))
-    parts["test"].append(m[:, :, nv:-1])
-    parts["util"].append(m[:, :, -1])
-    parts["div"].append(c.diverged[name])
-  steps = curves[next(iter(curves))].steps[name]
-  return bt.StartCurves(
-      steps=np.asarray(steps), labels=parts["labels"], modes=parts["modes"],
-      learning_rates=np.asarray(parts["lr"], float),
-      optimizers=parts["opt"], val=np.concatenate(parts["val"]),
-      test=np.concatenate(parts["test"]),
-      utility=np.concatenate(parts["util"]),
-      diverged=np.concatenate(parts["div"]), confirmed={})
-
-
 def confirm(cfg, run, grid, tgts, start_params, sc: bt.StartCurves, nv,
             modes=None):
-  """Re-runs each budget's validation-selected attack on fresh seeds
-  (``modes``: ``sc`` holds only these modes' attacks, as ``sc.only``)."""
-  flat = [(size, a) for size, lst in grid.items() for a in lst
-          if modes is None or a.mode in modes]
-  cache, out = {}, {}
-  for b in cfg.budgets:
-    pick = metrics.select(sc.val, sc.steps, b)
-    if pick is None:
-      continue
-    a_i, e_i = pick
-    if a_i not in cache:
-      size, attack = flat[a_i]
-      reruns = [attack._replace(seed=1000 + s)
-                for s in range(cfg.confirm_seeds)]
-      c = attacks.run_attacks(reruns, {"x": start_params}, tgts[size],
-                              eval_every=10, attack_map=run.grid_map())
-      cache[a_i] = c.metric["x"]
-    m = cache[a_i][:, e_i]
-    ok = np.all(np.isfinite(m), axis=-1)
-    if not ok.any():
-      continue
-    out[b] = bt.Confirmed(sc.labels[a_i], int(sc.steps[e_i]),
-                          m[ok, nv:-1].mean(0), float(m[ok, -1].mean()),
-                          int(ok.sum()))
-  return sc._replace(confirmed=out)
+  """:func:`immunojax.bench.curves.confirm` at this config: each budget's
+  validation-selected attack re-run on ``--confirm-seeds`` fresh seeds."""
+  return bc.confirm(start_params, sc, grid=grid, targets=tgts,
+                    budgets=cfg.budgets, seeds=cfg.confirm_seeds, nv=nv,
+                    modes=modes, attack_map=run.grid_map())
 
 
 def controls(cfg, run, grid, tgts, start_params, sc, d, nv):
@@ -394,7 +348,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   sc = {}
   for name, params in starts.items():
     sc[name] = confirm(cfg, run, grid, tgts, params,
-                       start_curves(cfg, grid, curves, name, nv), nv)
+                       bc.start_curves(grid, curves, name, nv), nv)
   attack_seconds = time.perf_counter() - t0
   refs = bt.References(sc["U"], sc["N"], sc["S"])
   rows = bt.table(list(sc.items()), refs, cfg.budgets)

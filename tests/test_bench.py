@@ -152,3 +152,61 @@ def test_effort_bootstrap_and_grid_edge():
   row = bt.row(exact(U_LEVELS), refs(), BUDGETS)
   assert row["grid_edge"] is True         # lr 0.01 is the adam minimum
   assert metrics.log_area([1, 1, 1], [0, 10, 100]) == pytest.approx(1.0)
+
+
+# ------------------------------------------------ from the harness (curves)
+def _harness_problem():
+  import jax
+  import jax.numpy as jnp
+  from immunojax import attacks
+  x = jax.random.normal(jax.random.PRNGKey(0), (24, 3))
+  y = (x[:, 0] > 0).astype(jnp.int32)
+  xv, yv, xt, yt = x[:4], y[:4], x[4:10], y[4:10]
+
+  def metric(p, e):          # nv = 4 validation rows, 6 test rows, utility
+    right = lambda a, b: (jnp.argmax(a @ p, -1) == b).astype(jnp.float32)
+    return jnp.concatenate([right(xv, yv), right(xt, yt),
+                            jnp.mean(right(xt, yt))[None]])
+
+  target = attacks.Target(
+      loss_fn=lambda p, b: jnp.mean(
+          -jax.nn.log_softmax(b[0] @ p)[jnp.arange(b[1].shape[0]), b[1]]),
+      metric_fn=metric, train_data=(x[10:], y[10:]), eval_data=())
+  grid = {"small": attacks.grid(optimizers=("sgd",),
+                                learning_rates=(0.01, 1.0), modes=("full",),
+                                batch_sizes=(4,), steps=(20,)),
+          "big": attacks.grid(optimizers=("adam",), learning_rates=(0.1,),
+                              modes=("full",), batch_sizes=(8,),
+                              steps=(20,))}
+  targets = {"small": target, "big": target}
+  return grid, targets, jnp.zeros((3, 2))
+
+
+def test_start_curves_and_confirm_read_the_harness_as_written():
+  from immunojax import attacks
+  from immunojax.bench import curves as bc
+  grid, targets, p0 = _harness_problem()
+  runs = {s: attacks.run_attacks(grid[s], {"x": p0}, targets[s],
+                                 eval_every=10) for s in grid}
+  sc = bc.start_curves(grid, runs, "x", nv=4)
+  assert sc.labels == [f"{a.label} [small]" for a in grid["small"]] + [
+      f"{a.label} [big]" for a in grid["big"]]
+  m = np.concatenate([runs["small"].metric["x"], runs["big"].metric["x"]])
+  np.testing.assert_allclose(sc.val, m[:, :, :4].mean(-1))
+  np.testing.assert_allclose(sc.test, m[:, :, 4:-1])
+  np.testing.assert_allclose(sc.utility, m[:, :, -1])
+  assert sc.steps.tolist() == [0, 10, 20] and sc.confirmed == {}
+  done = bc.confirm(p0, sc, grid=grid, targets=targets, budgets=(10, 20),
+                    seeds=2, nv=4)
+  flat = grid["small"] + grid["big"]
+  for b in (10, 20):
+    a_i, e_i = metrics.select(sc.val, sc.steps, b)
+    c = done.confirmed[b]
+    assert c.attack == sc.labels[a_i] and c.step == sc.steps[e_i]
+    assert c.seeds == 2
+    size = "small" if a_i < len(grid["small"]) else "big"
+    rerun = attacks.run_attacks(
+        [flat[a_i]._replace(seed=1000 + s) for s in range(2)], {"x": p0},
+        targets[size], eval_every=10).metric["x"][:, e_i]
+    np.testing.assert_allclose(c.examples, rerun[:, 4:-1].mean(0))
+    assert c.utility == pytest.approx(float(rerun[:, -1].mean()))

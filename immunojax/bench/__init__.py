@@ -6,6 +6,9 @@
 * :mod:`~immunojax.bench.table`: a start point's curves
   (:class:`StartCurves`), the references (U, N, S) and one registry of
   aggregations, applied to every start point.
+* :mod:`~immunojax.bench.curves`: a start point's harness curves as the
+  table's input, and the validation-selected attack confirmed on fresh
+  seeds.
 * :mod:`~immunojax.bench.defenses`: every defense family on one classifier
   (:class:`ClassifierProblem`), a registry of builders with a claim and a
   knob each.
@@ -13,7 +16,7 @@
 ``experiments.cross_defense`` runs it on sklearn digits.
 """
 
-from immunojax.bench import defenses, metrics, table
+from immunojax.bench import curves, defenses, metrics, table
 from immunojax.bench.defenses import (DEFENSES, ClassifierProblem, Defense,
                                       Stage)
 from immunojax.bench.table import (AGGREGATES, Confirmed, References,
@@ -21,4 +24,4 @@ from immunojax.bench.table import (AGGREGATES, Confirmed, References,
 
 __all__ = ["AGGREGATES", "ClassifierProblem", "Confirmed", "DEFENSES",
            "Defense", "References", "Stage", "StartCurves", "aggregate",
-           "defenses", "metrics", "table"]
+           "curves", "defenses", "metrics", "table"]
