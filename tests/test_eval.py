@@ -383,6 +383,16 @@ def test_merged_attack_reads_each_copy_as_the_harness_attack_does(seed):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="does not divide"):
     merge_attack.merged_attack(start, merge=mean, **{**kw, "eval_every": 4})
+  # a merge that diverges: no data point, even where the metric (an
+  # accuracy of NaN logits) would read as a number
+  def nan_once_moved(base, adapted):
+    a = adapted["a"][0]
+    return {"a": jnp.where(jnp.any(a != base["a"]), jnp.nan, a),
+            "b": base["b"]}
+  acc = lambda p: jnp.mean(jnp.argmax(jnp.ones((4, 3)) @ p["a"], -1) == 0)
+  got = merge_attack.merged_attack(start, merge=nan_once_moved,
+                                   **{**kw, "metric_fn": acc})
+  assert np.isfinite(got[0]) and np.all(np.isnan(got[1:]))
 
 
 # ---------------------------------------------------------------- concepts

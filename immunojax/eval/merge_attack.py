@@ -54,7 +54,8 @@ def merged_attack(start: PyTree, *, attacker: modes.AttackerMode,
 
   Returns:
     ``metric_fn``'s output stacked over the ``steps // eval_every + 1``
-    checkpoints (the first is the merge of ``N`` unchanged copies).
+    checkpoints (the first is the merge of ``N`` unchanged copies); NaN
+    from the first checkpoint whose merged parameters are not finite.
   """
   if steps % eval_every:
     raise ValueError(f"eval_every={eval_every} does not divide the {steps} "
@@ -72,6 +73,17 @@ def merged_attack(start: PyTree, *, attacker: modes.AttackerMode,
 
   copies = jax.vmap(one)(train_data)       # leaves (N, checkpoints, ...)
   checkpoints = steps // eval_every + 1
-  return jax.lax.map(
-      lambda e: metric_fn(merge(start, jax.tree_util.tree_map(
-          lambda a: a[:, e], copies))), jnp.arange(checkpoints))
+
+  def at(e):
+    merged = merge(start, jax.tree_util.tree_map(lambda a: a[:, e], copies))
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in
+                                  jax.tree_util.tree_leaves(merged)]))
+    return metric_fn(merged), finite
+
+  metric, finite = jax.lax.map(at, jnp.arange(checkpoints))
+  # As the harness does: a diverged model's metric is no data point (NaN
+  # logits score as chance accuracy), NaN from the first non-finite merge.
+  finite = jnp.cumprod(finite.astype(jnp.int32)).astype(bool)
+  return jax.tree_util.tree_map(lambda m: jnp.where(
+      finite.reshape(finite.shape + (1,) * (m.ndim - 1)), m, jnp.nan),
+      metric)
