@@ -715,11 +715,19 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
       run.print(f"seed {s} ({i + 1}/{len(seeds)})")
     runs.append(one_seed(dataclasses.replace(cfg, seed=s), run,
                          "" if i == 0 else f"seed_{s}/"))
+    if i < len(seeds) - 1:
+      # Each seed's models are new closures, so their programs compile
+      # anew; dropping the last seed's executables keeps a long run under
+      # the kernel's map-count limit (a 3-seed run once died in LLVM with
+      # "Cannot allocate memory" at 65,530 maps).
+      jax.clear_caches()
   out = dict(runs[0])         # the first seed in full, as a one-seed run
   out.update({
       "seeds": seeds, "per_seed": runs[1:] and [
           {k: r[k] for k in ("methods", "retention_matched",
-                             "displacement_ratio")} for r in runs[1:]],
+                             "displacement_ratio",
+                             "concept_accuracy_before_attack")}
+          for r in runs[1:]],
       "attacks": aggregate(runs),
       "paper": {"imma_table1_sgr": PAPER_IMMA_SGR,
                 "mima_tables": "not available (spec §3.3)"}})
@@ -886,9 +894,12 @@ def notes(cfg, out) -> list[str]:
       f"model, mean over concepts): {out['displacement_ratio']:.3g} — "
       f"{mv['evaluated_attacker']} move it {np.mean(mv['evaluated']):.3g}, "
       f"the lower level ({mv['simulated_attacker']}) "
-      f"{np.mean(mv['simulated']):.3g}. Far above 1, the hypergradient is "
-      "-grad L + O(alpha): the bilevel part can change little over direct "
-      "ascent.")
+      f"{np.mean(mv['simulated']):.3g}. " + (
+          "Far above 1, the hypergradient is -grad L + O(alpha): the bilevel "
+          "part can change little over direct ascent."
+          if out["displacement_ratio"] > 10 else
+          "Near 1: the simulated attacker is about as strong as the "
+          "evaluated one's first checkpoint."))
   t = out["targets"]
   if not t["none_relearns_every_concept"]:
     lines.append("The erased model does not re-learn every concept to 50% "
@@ -924,6 +935,16 @@ def notes(cfg, out) -> list[str]:
                  f"below the erased model's: the prior term (weight "
                  f"{cfg.prior_weight}) does not hold it within 5%.")
   seeds = [ms] + [r["methods"] for r in out.get("per_seed") or []]
+  erased = [out["concept_accuracy_before_attack"]["none"]] + [
+      r["concept_accuracy_before_attack"]["none"]
+      for r in out.get("per_seed") or []
+      if "concept_accuracy_before_attack" in r]
+  lines.append(
+      "Erasure (UCE): the erased model's concept sample accuracy before any "
+      "attack, per seed: " + "; ".join(
+          ", ".join(f"{a:.2f}" for a in acc) for acc in erased)
+      + (" — where it is high the erasure failed and there is little left "
+         "to protect." if any(max(acc) >= 0.5 for acc in erased) else "."))
   lines.append(
       f"Over {len(seeds)} seed(s), mean over attacks of the final worst-"
       "concept accuracy (mean ± sd): " + ", ".join(
