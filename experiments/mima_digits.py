@@ -855,7 +855,8 @@ def claims(out) -> list[dict]:
                     "something to protect": t["none_relearns_every_concept"]},
           figure=f"mean worst-concept accuracy over {len(attacks_)} attacks: "
           f"MIMA {n(mean_worst['mima'])}, erased only {n(mean_worst['none'])}"
-          f" (seed {out['seeds'][0]})"),
+          + (f" (seed {out['seeds'][0]})" if out.get("seeds")
+             else " (one seed)")),
       _claims.graded(
           "Immunizing the concepts jointly (MIMA) protects better than one "
           "after another (sequential IMMA)",
