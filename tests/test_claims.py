@@ -140,7 +140,7 @@ def test_sophon_digits_claims_use_the_two_sd_rule():
 
 
 def test_mima_claims_read_the_targets():
-  from experiments import mima_digits
+  from experiments import _mima_report
   att = lambda w: {"worst_concept_accuracy": w}
   ms = {m: {"attacks": {"lora": att(w), "full": att(w)},
             "retention_accuracy": r}
@@ -151,10 +151,10 @@ def test_mima_claims_read_the_targets():
       "mima_well_below_none_at_every_checkpoint": False,
       "mima_beats_imma_sequential_on_worst_concept": True,
       "mima_retention_within_5pct_of_erased": False}}
-  relearn, joint, keep = mima_digits.claims(out)
+  relearn, joint, keep = _mima_report.claims(out)
   assert relearn["verdict"] == "does not hold here"
   out["targets"]["none_relearns_every_concept"] = False
-  relearn = mima_digits.claims(out)[0]
+  relearn = _mima_report.claims(out)[0]
   assert relearn["verdict"] == "does not hold here"
   assert "something to protect" in relearn["reason"]
   assert joint["verdict"] == "holds" and "0.4 vs sequential IMMA 0.6" in \

@@ -475,8 +475,8 @@ def test_mima_sampler_gives_each_concept_k_lower_steps():
   from experiments import mima_digits as md
   from immunojax.data import prompts
   cfg = md.Config(**{**md.QUICK, "inner_steps": 3, "batch": 4})
-  st = md.Setting(cfg)
-  d = md.immunization_data(cfg, st, cfg.concepts)
+  st = md.world(cfg)
+  d = st.concept_data(cfg.concepts, cfg.concepts)
   b = md.make_sampler(st, cfg, jax.random.PRNGKey(0))((d, jnp.eye(3)), 7)
   assert b["lower"]["x"].shape == (3, 3, 4, 64)        # (slots, K, batch, .)
   assert b["upper"]["x"].shape == (3, 4, 64)

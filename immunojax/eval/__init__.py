@@ -21,15 +21,19 @@ table and a user's own study share.
   mean and sd over seeds, the utility-matched prior weight.
 * :mod:`~immunojax.eval.merge_attack`: each concept adapted alone, the copies
   merged (the attack a merge layer is for).
+* :mod:`~immunojax.eval.text_to_image`: a text-to-image world on the digits
+  (denoiser, frozen text encoder, UCE erasure, phi*'s keys, attack rows,
+  the judge) and every concept attack of several models through the harness.
 """
 
 from immunojax.eval import (concepts, continual, curves, displacement,
                             forgetting, generative, merge_attack, probes,
-                            references, relearning)
+                            references, relearning, text_to_image)
 from immunojax.eval.curves import (best_curve, differs, gap_ratio, mean_std,
                                    select, selected_curve, steps_to_threshold)
 
 __all__ = ["best_curve", "concepts", "continual", "curves", "differs",
            "displacement", "forgetting", "gap_ratio", "generative",
            "mean_std", "merge_attack", "probes", "references", "relearning",
-           "select", "selected_curve", "steps_to_threshold"]
+           "select", "selected_curve", "steps_to_threshold",
+           "text_to_image"]
