@@ -246,7 +246,7 @@ def notes(cfg: Config, agg: dict) -> list[str]:
                "task " + ", ".join(_fmt(m, s_) for m, s_ in zip(d["mean"],
                                                                  d["sd"]))
                + f". {line}.")
-    ours = (gsd.regime_forget(cfg, regime), gsd.regime_alpha(cfg, regime))
+    ours = (cfg.regime_forget(regime), cfg.regime_alpha(regime))
     if ours != (ch["forget"], ch["alpha"]):
       out.append(f"{regime}: gs_lora_digits' defaults ({ours[0]}, alpha "
                  f"{ours[1]:g}) are not this run's choice.")
