@@ -119,7 +119,7 @@ def _mean(m, s=0.0):
 
 
 def test_sophon_digits_claims_use_the_two_sd_rule():
-  from experiments import sophon_digits
+  from experiments import _sophon_report
   dom = {"after_finetune": {"protected": _mean(0.17, 0.04),
                             "scratch": _mean(0.61, 0.03),
                             "original": _mean(0.85, 0.01)},
@@ -128,15 +128,15 @@ def test_sophon_digits_claims_use_the_two_sd_rule():
   out = {"domains": {"noise_shift": dom},
          "original_accuracy": {"original": _mean(0.97),
                                "protected": _mean(0.95)}}
-  suppress, intact = sophon_digits.claims(out)
+  suppress, intact = _sophon_report.claims(out)
   assert suppress["verdict"] == "partly"
   assert "not: noise_shift: below scratch − 2 sd" in suppress["reason"]
   assert intact["verdict"] == "holds"
   out["original_accuracy"]["protected"] = _mean(0.93)
-  assert sophon_digits.claims(out)[1]["verdict"] == "does not hold here"
+  assert _sophon_report.claims(out)[1]["verdict"] == "does not hold here"
   dom["worst_case_transferring"] = {"delta_protected": _mean(0.07, 0.03)}
   dom["after_finetune"]["protected"] = _mean(0.55, 0.04)   # inside 2 sd
-  assert sophon_digits.claims(out)[0]["verdict"] == "does not hold here"
+  assert _sophon_report.claims(out)[0]["verdict"] == "does not hold here"
 
 
 def test_mima_claims_read_the_targets():
