@@ -82,7 +82,7 @@ def _rir_method(rir, i, ii):
 
 
 def test_house_price_claims_read_rir_against_ten():
-  from experiments import house_price
+  from experiments import _house_price_report
   ident = {**_rir_method(1.0, 1.0, 1.0), "dh_norm_ratio_final": 1.0,
            "dp_norm_ratio_final": 1.0}
   methods = {"identity": ident, "cond_num": _rir_method(12.0, 3.0, 0.5),
@@ -90,13 +90,13 @@ def test_house_price_claims_read_rir_against_ten():
              "r_ill_only": _rir_method(1.5, 9.0, 6.0),
              "probe_ascent": _rir_method(2.0, 1.0, 0.5)}
   success = {"cond_num": {"weak": True}}
-  ours, only, fig1 = house_price.claims(methods, success)
+  ours, only, fig1 = _house_price_report.claims(methods, success)
   assert ours["verdict"] == "holds"
   assert only["verdict"] == "partly" and "not: Opt κ RIR ≥ 10" in \
       only["reason"]
   assert fig1["verdict"] == "holds"
   methods["cond_num"] = _rir_method(9.0, 3.0, 0.5)
-  assert house_price.claims(methods, success)[0]["verdict"] == "partly"
+  assert _house_price_report.claims(methods, success)[0]["verdict"] == "partly"
 
 
 def test_digit_pairs_claims_need_every_pair():
