@@ -17,7 +17,8 @@ from pathlib import Path
 from experiments import _config
 from experiments import _rundir
 from experiments._errors import CheckpointError, DivergedError, UsageError
-from experiments._rundir import RunOptions, fmt, prepare_dir, start_devices
+from experiments._reports import SMOKE_BANNER, fmt
+from experiments._rundir import RunOptions, prepare_dir, start_devices
 from experiments._runner import Run
 
 
@@ -140,7 +141,7 @@ def entry_point(name: str, config_cls, run_fn, *, quick: dict,
         _rundir.release(options.out)    # the OS would, at exit
     run.print(f"[{name}] wrote {options.out}/summary.json")
     if summary.get("quick"):       # smoke size: no paper figure beside it
-      run.print("  " + _rundir.SMOKE_BANNER.replace("**", ""))
+      run.print("  " + SMOKE_BANNER.replace("**", ""))
     for f in summary["figures"]:
       paper = ("" if summary.get("quick")
                else f"  paper {fmt(f['paper'])}")

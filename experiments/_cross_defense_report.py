@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import _claims, _plots
-from experiments._rundir import fmt
+from experiments._reports import fmt
 from immunojax.bench import metrics, table as bt
 
 PREAMBLE = [

@@ -1,7 +1,8 @@
-"""gs_lora_digits' report: the deviations from the papers, the findings
-(results that contradict a paper or a target), the targets, the claims
-graded, the figures (the paper's numbers read from ``summary.paper``) and
-the two plots (per-task metrics, group norms)."""
+"""The GS-LoRA experiments' report: gs_lora_digits' deviations from the
+papers, findings (results that contradict a paper or a target), targets,
+claims graded, figures (the paper's numbers read from ``summary.paper``)
+and two plots (per-task metrics, group norms); gs_lora_relearning's
+curves."""
 
 from __future__ import annotations
 
@@ -247,3 +248,33 @@ def plot_groups(cfg, run, out):
     ax.title.set_fontsize(8)
     fig.colorbar(im, ax=ax, fraction=0.05)
   run.save_figure(fig, "group_norms")
+
+
+def plot_relearning(cfg, run, agg: dict, *, references, ours) -> None:
+  """gs_lora_relearning's curves: one panel per probe mode, the
+  ``references`` in their own style, ``ours`` bold."""
+  modes = cfg.probes
+  fig, axes = run.new_figure(ncols=len(modes), figsize=(4.6 * len(modes), 4),
+                             sharey=True, squeeze=False)
+  steps = agg["steps"]
+  import matplotlib  # noqa: PLC0415 (after new_figure chose the backend)
+  cmap = matplotlib.colormaps["tab20"]
+  colours = {s: cmap(i % 20) for i, s in enumerate(
+      s for s in agg["relearning"] if s not in references)}
+  for ax, mode in zip(axes[0], modes):
+    for s, per in agg["relearning"].items():
+      c = per[mode]["curve"]
+      style = (_plots.style(s) if s in references else
+               {"color": colours[s], "lw": 2 if s in ours else 1, "label": s})
+      if s == "gs_lora":
+        style["color"] = _plots.METHOD_COLORS["gs_lora"]
+      ax.plot(steps, c["mean"], **style)
+    ax.set(title=f"{mode} probe (Adam, {cfg.probe_shots} shots/class)",
+           xlabel="attack step",
+           ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("forgotten classes, test accuracy\n(rate chosen on "
+                        "validation; mean over seeds)")
+  axes[0][-1].legend(fontsize=7, loc="lower right")
+  _plots.claim_title(fig, agg["claims"][0]["claim"])
+  run.save_figure(fig, "relearning")

@@ -21,8 +21,9 @@ from typing import Any, Callable
 from experiments import _claims, _config
 from experiments._checkpoints import Checkpoints
 from experiments._errors import DivergedError
+from experiments._reports import run_report
 from experiments._rundir import (RunOptions, fingerprint, jsonable,
-                                 run_mesh, run_report, write_atomic)
+                                 run_mesh, write_atomic)
 
 # Fault injection for the crash-recovery tests: SIGKILL this process right
 # after the given (1-based) step of any checkpointed loop has been saved.

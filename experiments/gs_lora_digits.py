@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import (_cli, _config, _gs_lora_report, _options, _plots,
-                         _rundir, _runner)
+                         _reports, _runner)
 from immunojax import attacks, data, lora, losses, masks, models
 from immunojax.data import continual
 from immunojax.eval import continual as continual_eval, forgetting, relearning
@@ -362,9 +362,9 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
                                            else "retrain"]
   result["wall_seconds"] = float(sum(r["wall_seconds"] for r in recs))
   run.print(f"[{regime}] {method}: H " + ", ".join(
-      _rundir.fmt(h) for h in result["h_mean"]) + " | Acc_r " + ", ".join(
-      _rundir.fmt(a) for a in result["acc_r"]) + " | Acc_f " + ", ".join(
-      _rundir.fmt(a) for a in result["acc_f"]))
+      _reports.fmt(h) for h in result["h_mean"]) + " | Acc_r " + ", ".join(
+      _reports.fmt(a) for a in result["acc_r"]) + " | Acc_f " + ", ".join(
+      _reports.fmt(a) for a in result["acc_f"]))
   return result, state["first"]
 
 

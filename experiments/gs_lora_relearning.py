@@ -37,7 +37,8 @@ from typing import Literal
 
 import numpy as np
 
-from experiments import _claims, _cli, _config, _options, _plots, _runner
+from experiments import (_claims, _cli, _config, _gs_lora_report, _options,
+                         _runner)
 from experiments import gs_lora_digits as gsd
 from immunojax import attacks
 from immunojax.eval import probes as eval_probes
@@ -354,34 +355,6 @@ def sentences(cfg: Config, agg: dict) -> list[str]:
   return out
 
 
-def _plot(cfg: Config, run: _runner.Run, agg: dict) -> None:
-  modes = cfg.probes
-  fig, axes = run.new_figure(ncols=len(modes), figsize=(4.6 * len(modes), 4),
-                             sharey=True, squeeze=False)
-  steps = agg["steps"]
-  import matplotlib  # noqa: PLC0415 (after new_figure chose the backend)
-  cmap = matplotlib.colormaps["tab20"]
-  colours = {s: cmap(i % 20) for i, s in enumerate(
-      s for s in agg["relearning"] if s not in REFERENCES)}
-  for ax, mode in zip(axes[0], modes):
-    for s, per in agg["relearning"].items():
-      c = per[mode]["curve"]
-      style = (_plots.style(s) if s in REFERENCES else
-               {"color": colours[s], "lw": 2 if s in OURS else 1, "label": s})
-      if s == "gs_lora":
-        style["color"] = _plots.METHOD_COLORS["gs_lora"]
-      ax.plot(steps, c["mean"], **style)
-    ax.set(title=f"{mode} probe (Adam, {cfg.probe_shots} shots/class)",
-           xlabel="attack step",
-           ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("forgotten classes, test accuracy\n(rate chosen on "
-                        "validation; mean over seeds)")
-  axes[0][-1].legend(fontsize=7, loc="lower right")
-  _plots.claim_title(fig, agg["claims"][0]["claim"])
-  run.save_figure(fig, "relearning")
-
-
 def experiment(cfg: Config, run: _runner.Run) -> dict:
   per_seed = [one_seed(cfg, run, s) for s in cfg.seeds]
   agg = aggregate(cfg, per_seed)
@@ -405,7 +378,8 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
             f"Acc_r within 2 points): {'met by ' + ', '.join(met) if met else 'MISSED'}")
   for line in agg["notes"]:
     run.print("  " + line)
-  _plot(cfg, run, agg)
+  _gs_lora_report.plot_relearning(cfg, run, agg, references=REFERENCES,
+                                  ours=OURS)
   agg["per_seed"] = per_seed
   return agg
 

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from experiments import _catalog, _rundir
-from experiments._rundir import SMOKE_BANNER, fmt, write_atomic
+from experiments._reports import SMOKE_BANNER, fmt
+from experiments._rundir import write_atomic
 
 HEADER = "# immunojax reproduction dashboard"
 

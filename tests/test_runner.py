@@ -204,7 +204,7 @@ def test_dashboard_keeps_notes_and_lists_skipped_experiments(tmp_path):
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_a_quick_run_never_stands_beside_a_paper_figure(tmp_path, quick):
-  from experiments import _rundir
+  from experiments import _reports
   summary = {"experiment": "x", "seed": 0, "quick": quick,
              "wall_seconds": 1.0,
              "figures": [{"name": "acc", "ours": 0.5, "paper": 0.987,
@@ -212,7 +212,7 @@ def test_a_quick_run_never_stands_beside_a_paper_figure(tmp_path, quick):
   run = tmp_path / "r"
   run.mkdir()
   (run / "summary.json").write_text(json.dumps(summary))
-  own = _rundir.run_report(summary, run)
+  own = _reports.run_report(summary, run)
   assert report.main([str(tmp_path)]) == 0
   dash = (tmp_path / "README.md").read_text()
   for text in (own, dash):
