@@ -45,7 +45,7 @@ from flax import nnx
 from experiments import _cli, _config, _mima_report, _pretrain, _runner
 from immunojax import data, models, modes
 from immunojax.immunizer import supervised
-from immunojax.eval import (concepts, text_to_image as t2i)
+from immunojax.eval import concepts, text_to_image as t2i
 from immunojax.methods import imma
 from immunojax.optimizers import OPTIMIZERS, make_optimizer
 

@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from experiments import _claims, _cli, _plots, _config, _runner
+from experiments import _claims, _cli, _plots, _config, _runner, _sophon_report
 from experiments import sophon_digits as sd
 from immunojax.eval import curves as ev_curves
 
@@ -140,7 +140,7 @@ def claims(rows: dict) -> list[dict]:
             f"{_claims.mean_sd(a['scratch'])}")
 
   def intact(row):
-    return (rows[row]["intactness_drop"]["mean"] <= sd.INTACT_POINTS
+    return (rows[row]["intactness_drop"]["mean"] <= _sophon_report.INTACT_POINTS
             if row in rows else None)
 
   return [
