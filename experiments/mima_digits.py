@@ -234,6 +234,15 @@ def classifier(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
 
 
 # -------------------------------------------------------------- immunize
+def phi_star(cfg: Config, st: t2i.DigitTextToImage):
+  """MIMA's merge layer phi* over the attn2 K/V kernels: each concept's
+  token row as its key, 200 filler captions and the non-target prompts as
+  regularisation keys (MIMA trains through it; phi_merge attacks with it)."""
+  keys, reg = st.merge_keys(cfg.concepts, seed=cfg.seed + 11)
+  return imma.concept_merge(keys=keys, reg_keys=reg, merged=t2i.KV,
+                            ridge=cfg.merge_ridge)
+
+
 def make_sampler(st: t2i.DigitTextToImage, cfg: Config, key):
   """:func:`immunojax.eval.concepts.concept_sampler` at this config: the
   first ``round(prior_null * batch)`` prior rows carry the null prompt."""
@@ -249,7 +258,6 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
   unbounded); ``prefix`` names the loops (a seed's, a prior weight's)."""
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(cfg.outer_lr, weight_decay=1e-2))
-  keys, reg = st.merge_keys(cfg.concepts, seed=cfg.seed + 11)
   extra = {} if cfg.scheme == "alternating" else {
       "inner_optimizer": inner_optimizer(cfg), "upper_at": cfg.upper_at}
   common = dict(upper=UPPER, lower=modes.masked(LOWER),
@@ -265,9 +273,7 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
                              prior_weight=cfg.prior_weight,
                              ascent_bound=bound),
       "imma": imma.imma(st.loss, **common),   # sequential and joint
-      "mima": imma.mima(st.loss, merge=imma.concept_merge(
-          keys=keys, reg_keys=reg, merged=t2i.KV, ridge=cfg.merge_ridge),
-                        **common),
+      "mima": imma.mima(st.loss, merge=phi_star(cfg, st), **common),
       "mima_average_merge": imma.mima(st.loss, merge=imma.average_merge(),
                                       **common)}
   sample = make_sampler(st, cfg, key)
@@ -344,9 +350,6 @@ def attack_all(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
                metric, starts):
   """Every attack mode on every start (:func:`immunojax.eval.text_to_image.
   attack_concepts`); phi_merge merges with MIMA's own phi*."""
-  keys, reg = st.merge_keys(cfg.concepts, seed=cfg.seed + 11)
-  phi = imma.concept_merge(keys=keys, reg_keys=reg, merged=t2i.KV,
-                           ridge=cfg.merge_ridge)
   return t2i.attack_concepts(
       st, metric, starts, concepts=cfg.concepts,
       attack_modes=cfg.attack_modes,
@@ -355,7 +358,8 @@ def attack_all(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
       steps=cfg.attack_steps, eval_every=cfg.eval_every,
       batch_size=cfg.attack_batch, lora_rank=cfg.lora_rank,
       copies=cfg.copies, samples=cfg.samples, collateral=collateral(cfg),
-      merge=phi.apply, seed=cfg.seed, attack_map=run.grid_map(),
+      merge=phi_star(cfg, st).apply, seed=cfg.seed,
+      attack_map=run.grid_map(),
       log=run.print)
 
 

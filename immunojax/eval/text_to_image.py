@@ -325,7 +325,8 @@ def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
   """Every start attacked by every mode of ``attack_modes`` (Adam at
   ``rates[mode]``, ``steps`` steps of ``batch_size``, scored every
   ``eval_every``), per concept and jointly through the harness, and by
-  :func:`phi_merge_attack` for ``phi_merge``.
+  :func:`phi_merge_attack` for ``phi_merge`` (at ``rates["kv"]``, merged by
+  ``merge``).
 
   Returns:
     ``(out, wall)``: per mode, ``out[mode]`` holds ``scopes`` ->
