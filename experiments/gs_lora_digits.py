@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Literal
 
 import jax
@@ -50,10 +49,9 @@ from flax import nnx
 
 from experiments import (_cli, _config, _gs_lora_report, _options, _plots,
                          _reports, _runner)
-from immunojax import attacks, data, lora, losses, masks, models
+from immunojax import attacks, data, lora, losses, models
 from immunojax.data import continual
 from immunojax.eval import continual as continual_eval, forgetting, relearning
-from immunojax.methods import gs_lora as gs
 
 Regime = Literal["ratio", "few_shot", "missing"]
 ForgetTerm = Literal["bounded", "bounded_each"]
@@ -300,7 +298,6 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
                                         cfg.regime_forget(regime))
   family = forgetting.family(base)
   bs = cfg.few_shot_batch if regime == "few_shot" else cfg.batch_size
-  subsets = ctx["subsets"][regime]
   npad = max(len(r) for r, _ in ctx["all_subsets"][bs])
   fpad = max(len(f) for _, f in ctx["all_subsets"][bs])
   if (family, bs, forget) not in ctx["runners"]:
@@ -308,59 +305,27 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
         cfg, ctx["forward"], family, bs, npad, fpad, ctx["head_frozen"],
         run.split_batch, forget)
   runner = ctx["runners"][family, bs, forget]
-  ev, tasks = ctx["evaluator"], ctx["tasks"]
-  x, y = ctx["x_train"], ctx["y_train"]
-
-  def step(state, t):
-    t0 = time.perf_counter()
-    retain_idx, forget_idx = subsets[t]
-    start = ctx["init"] if base == "retrain" else state["params"]
-    task = continual_eval.task_indices(retain_idx, forget_idx,
-                                       retain_pad=npad, forget_pad=fpad)
-    coeffs = {**coefficients(cfg, base, regime, t, forget),
-              **{k: jnp.asarray(v, jnp.float32) for k, v in overrides.items()}}
-    out = runner(start, x, y, task, coeffs,
-                 jax.random.PRNGKey(cfg.seed * 7919 + 31 * t + 5))
-    params = out["params"]
-    correct = ev.correct(params)
-    scores = continual_eval.task_metrics(
-        correct, ev.y, tasks[t], pretrained_acc_f=ctx["pre"][t]["acc_f"],
-        missing=ctx["missing"] if regime == "missing" else ())
-    acc = {k: v for k, v in scores._asdict().items()
-           if k != "acc_m" or regime == "missing"}
-    metrics = {**acc, **{k: float(v) for k, v in out["final"].items()}}
-    if "group_norms" in out:
-      norms = np.asarray(out["group_norms"])
-      metrics["group_norms"] = norms
-      metrics["zeroed_groups"] = int(np.sum(np.asarray(
-          gs.zeroed(norms, cfg.zero_rtol))))
-    new = {"params": params,
-           "first": params if t == 0 else state["first"]}
-    metrics["forget_class_acc"] = {
-        str(c): ev.accuracy(correct, [c]) for c in tasks[t].forget}
-    metrics["wall_seconds"] = time.perf_counter() - t0
-    return new, metrics
-
+  step = forgetting.task_step(
+      runner, ctx["x_train"], ctx["y_train"], evaluator=ctx["evaluator"],
+      tasks=ctx["tasks"], subsets=ctx["subsets"][regime],
+      coefficients=lambda t: {
+          **coefficients(cfg, base, regime, t, forget),
+          **{k: jnp.asarray(v, jnp.float32) for k, v in overrides.items()}},
+      key=lambda t: jax.random.PRNGKey(cfg.seed * 7919 + 31 * t + 5),
+      pretrained_acc_f=[p["acc_f"] for p in ctx["pre"]], retain_pad=npad,
+      forget_pad=fpad, zero_rtol=cfg.zero_rtol,
+      missing=ctx["missing"] if regime == "missing" else None,
+      restart_from=ctx["init"] if base == "retrain" else None)
   loop = f"{prefix}{regime}/{method}"
   state = run.loop(loop, {"params": ctx["pretrained"],
                           "first": ctx["pretrained"]},
                    step, cfg.num_tasks, log_every=1,
                    desc=f"{regime}: {method}")
-  recs = run.records(loop)
-  keys = ("acc_r", "acc_f", "acc_o", "h_mean") + (
-      ("acc_m",) if regime == "missing" else ())
-  result = {k: [r.get(k) for r in recs] for k in keys}
-  result["loss"] = [r.get("loss") for r in recs]
-  result["forget_ce"] = [r.get("forget_ce") for r in recs]   # last epoch
-  result["forget_class_acc"] = [r.get("forget_class_acc") for r in recs]
-  if family == "lora":
-    result["group_norms"] = [r["group_norms"] for r in recs]
-    result["zeroed_groups"] = [r["zeroed_groups"] for r in recs]
-  else:
-    result["zeroed_groups"] = None
-  result["trainable_share"] = ctx["share"][family if base != "retrain"
-                                           else "retrain"]
-  result["wall_seconds"] = float(sum(r["wall_seconds"] for r in recs))
+  result = forgetting.task_results(
+      run.records(loop), missing=regime == "missing",
+      lora_family=family == "lora",
+      trainable_share=ctx["share"][family if base != "retrain"
+                                   else "retrain"])
   run.print(f"[{regime}] {method}: H " + ", ".join(
       _reports.fmt(h) for h in result["h_mean"]) + " | Acc_r " + ", ".join(
       _reports.fmt(a) for a in result["acc_r"]) + " | Acc_f " + ", ".join(
@@ -441,17 +406,7 @@ def setup(cfg: Config, run: _runner.Run, *, prefix: str = "") -> dict:
           "acc_f": ev.accuracy(correct, t.forget)} for t in tasks]
   pre_all = ev.accuracy(correct, range(10))
   run.print(f"pre-trained test accuracy (margin on) {pre_all:.2f}%")
-  n_lora = sum(a.size + b.size for a, b in
-               ((v["a"], v["b"]) for v in lora.init(
-                   init, lora.LoraConfig(r=cfg.rank, target_modules=FFN),
-                   key=jax.random.PRNGKey(0)).values()))
-  n_all = sum(p.size for p in jax.tree_util.tree_leaves(init))
-  head_frozen = jax.tree_util.tree_map_with_path(
-      lambda p, _: masks.path_string(p) != "head", init)
-  n_head = init["head"].size
-  share = {"lora": 100.0 * n_lora / n_all,
-           "full": 100.0 * (n_all - n_head) / n_all,
-           "retrain": 100.0 * (n_all - n_head) / n_all}
+  share, head_frozen = forgetting.trainable_share(init, rank=cfg.rank)
   subsets = {r: task_subsets(cfg, y_train, tasks, r, missing)
              for r in cfg.regimes}
   all_subsets: dict[int, list] = {}

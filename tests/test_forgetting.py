@@ -142,3 +142,75 @@ def test_evaluator_scores_known_predictions():
   assert ev.accuracy(ev.correct(w), [1]) == 50.0
   assert ev.accuracy(ev.correct(w), [0, 2]) == 100.0
   assert ev.accuracy(ev.correct(w), [7]) is None
+
+
+def test_task_step_chains_tasks_scores_them_and_task_results_lists_them():
+  from immunojax.data.continual import Task
+  x_test = jnp.eye(4)
+  y_test = np.array([0, 1, 2, 3])
+  ev = forgetting.Evaluator(lambda p, xx, yy, key: (xx @ p, None), x_test,
+                            y_test)
+  seen = []
+
+  def runner(start, x, y, task, coeffs, key):
+    seen.append((np.asarray(start).copy(), float(coeffs["beta"]),
+                 int(key[1]), np.asarray(task["retain_idx"]).tolist()))
+    # each task forgets its class: its diagonal entry turns negative
+    c = int(coeffs["forget_class"])
+    return {"params": start.at[c, c].set(-1.0),
+            "final": {"loss": jnp.asarray(0.5 * c)},
+            "group_norms": jnp.asarray([1.0, 1e-9])}
+
+  tasks = [Task((1, 2, 3), (0,), ()), Task((2, 3), (1,), (0,))]
+  subsets = [(np.array([1, 2]), np.array([0])),
+             (np.array([2]), np.array([3]))]
+  kw = dict(evaluator=ev, tasks=tasks, subsets=subsets,
+            coefficients=lambda t: {"beta": jnp.asarray(0.1 * t),
+                                    "forget_class": jnp.asarray(t)},
+            key=lambda t: jax.random.PRNGKey(100 + t),
+            pretrained_acc_f=[100.0, 100.0], retain_pad=3, forget_pad=2,
+            zero_rtol=1e-3)
+  step = forgetting.task_step(runner, None, None, **kw)
+  w0 = jnp.eye(4)
+  state, recs = {"params": w0, "first": w0}, []
+  for t in range(2):
+    state, m = step(state, t)
+    recs.append(m)
+  np.testing.assert_array_equal(seen[1][0], np.diag([-1.0, 1, 1, 1]))  # chain
+  assert [s[1] for s in seen] == [0.0, pytest.approx(0.1)]
+  assert [s[2] for s in seen] == [100, 101]
+  assert seen[0][3][:2] == [1, 2]
+  np.testing.assert_array_equal(state["first"], np.diag([-1.0, 1, 1, 1]))
+  assert recs[0]["acc_f"] == 0.0 and recs[0]["acc_r"] == 100.0
+  assert recs[1]["acc_o"] == 0.0 and "acc_m" not in recs[1]
+  assert recs[1]["forget_class_acc"] == {"1": 0.0}
+  assert recs[0]["zeroed_groups"] == 1 and recs[1]["loss"] == 0.5
+  # retraining restarts every task; the missing regime scores Acc_m
+  seen.clear()
+  step = forgetting.task_step(runner, None, None, restart_from=w0,
+                              missing=(3,), **kw)
+  s1, m1 = step(step({"params": w0, "first": w0}, 0)[0], 1)
+  np.testing.assert_array_equal(seen[1][0], w0)
+  assert m1["acc_m"] == 100.0 and m1["acc_r"] == 100.0
+  res = forgetting.task_results(recs, missing=False, lora_family=True,
+                                trainable_share=1.5)
+  assert res["acc_f"] == [0.0, 0.0] and res["loss"] == [0.0, 0.5]
+  assert res["zeroed_groups"] == [1, 1] and res["trainable_share"] == 1.5
+  assert res["wall_seconds"] == pytest.approx(
+      sum(r["wall_seconds"] for r in recs))
+  assert "acc_m" not in res
+  full = forgetting.task_results([m1], missing=True, lora_family=False,
+                                 trainable_share=90.0)
+  assert full["acc_m"] == [100.0] and full["zeroed_groups"] is None
+
+
+def test_trainable_share_counts_lora_factors_and_freezes_the_head():
+  p = _params(jax.random.PRNGKey(0))
+  share, frozen = forgetting.trainable_share(p, rank=2)
+  n_all = 4 * 6 + 6 * 5 + 5 * 3
+  assert share["lora"] == pytest.approx(100.0 * ((4 + 6) * 2 + (6 + 5) * 2)
+                                        / n_all)
+  assert share["full"] == share["retrain"] == pytest.approx(
+      100.0 * (n_all - 15) / n_all)
+  assert not bool(frozen["head"])
+  assert all(bool(v) for v in jax.tree_util.tree_leaves(frozen["blocks"]))

@@ -18,6 +18,9 @@ what GS-LoRA's papers (Zhao et al., CVPR 2024 / T-PAMI) compare on it:
   anchored fine-tuning; ``retrain`` has no forget loss).
 * :class:`Evaluator`: correctness per test example (the model's own
   ``forward`` decides the convention, e.g. the CosFace margin on).
+* :func:`task_step` and :func:`task_results`: the protocol's loop over
+  tasks (each task's run and scores) and a method's per-task lists;
+  :func:`trainable_share`: what each family trains.
 
 ``forward(params, x, y, key) -> (logits, features)`` is the model's
 interface throughout (``y``/``key`` may be None at evaluation).
@@ -26,6 +29,7 @@ interface throughout (``y``/``key`` may be None at evaluation).
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from immunojax import lora, losses
+from immunojax import lora, losses, masks
 from immunojax.data import padded_batch_positions
 from immunojax.eval import continual
 from immunojax.methods import gs_lora as gs
@@ -267,3 +271,98 @@ class Evaluator:
   def accuracy(self, correct: np.ndarray, classes) -> float | None:
     """Accuracy in % over ``classes`` (None when none is in the test set)."""
     return continual.class_accuracy(correct, self.y, classes)
+
+
+def trainable_share(init, *, rank: int) -> tuple[dict, object]:
+  """The share (%) of ``init``'s parameters each family trains (``lora``:
+  rank-``rank`` factors on :data:`FFN`; ``full`` and ``retrain``: all but
+  the head), and the frozen-head mask (True where trained)."""
+  factors = lora.init(init, lora.LoraConfig(r=rank, target_modules=FFN),
+                      key=jax.random.PRNGKey(0))
+  n_lora = sum(v["a"].size + v["b"].size for v in factors.values())
+  n_all = sum(p.size for p in jax.tree_util.tree_leaves(init))
+  head_frozen = jax.tree_util.tree_map_with_path(
+      lambda p, _: masks.path_string(p) != "head", init)
+  n_head = init["head"].size
+  return ({"lora": 100.0 * n_lora / n_all,
+           "full": 100.0 * (n_all - n_head) / n_all,
+           "retrain": 100.0 * (n_all - n_head) / n_all}, head_frozen)
+
+
+def task_step(runner: Callable, x, y, *, evaluator: "Evaluator", tasks,
+              subsets, coefficients: Callable, key: Callable,
+              pretrained_acc_f: Sequence[float], retain_pad: int,
+              forget_pad: int, zero_rtol: float, missing=None,
+              restart_from=None) -> Callable:
+  """``step(state, t)`` of the continual protocol, for a loop over tasks.
+
+  Task ``t`` runs ``runner`` (:func:`method_runner`) on ``subsets[t]``
+  (retain and forget indices into ``x``, ``y``) from ``state["params"]``
+  (or from ``restart_from`` each task: retraining), with
+  ``coefficients(t)`` and ``key(t)``, and scores the result on
+  ``evaluator``'s test set (:func:`immunojax.eval.continual.task_metrics`
+  against ``pretrained_acc_f[t]``).
+
+  Args:
+    missing: the classes without training data (the missing-class regime:
+      Acc_m is scored); None elsewhere.
+    zero_rtol: a group counts as zeroed below this share of the largest
+      group norm (LoRA family).
+
+  Returns:
+    ``step(state, t) -> (state, metrics)`` with state ``{"params",
+    "first"}`` (the weights after task 1 kept) and metrics: the task's
+    accuracies, the runner's final losses, ``group_norms`` and
+    ``zeroed_groups`` (LoRA family), ``forget_class_acc`` per forgotten
+    class and ``wall_seconds``.
+  """
+  def step(state, t):
+    t0 = time.perf_counter()
+    retain_idx, forget_idx = subsets[t]
+    start = state["params"] if restart_from is None else restart_from
+    task = continual.task_indices(retain_idx, forget_idx,
+                                  retain_pad=retain_pad, forget_pad=forget_pad)
+    out = runner(start, x, y, task, coefficients(t), key(t))
+    params = out["params"]
+    correct = evaluator.correct(params)
+    scores = continual.task_metrics(
+        correct, evaluator.y, tasks[t], pretrained_acc_f=pretrained_acc_f[t],
+        missing=() if missing is None else missing)
+    acc = {k: v for k, v in scores._asdict().items()
+           if k != "acc_m" or missing is not None}
+    metrics = {**acc, **{k: float(v) for k, v in out["final"].items()}}
+    if "group_norms" in out:
+      norms = np.asarray(out["group_norms"])
+      metrics["group_norms"] = norms
+      metrics["zeroed_groups"] = int(np.sum(np.asarray(
+          gs.zeroed(norms, zero_rtol))))
+    new = {"params": params,
+           "first": params if t == 0 else state["first"]}
+    metrics["forget_class_acc"] = {
+        str(c): evaluator.accuracy(correct, [c]) for c in tasks[t].forget}
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    return new, metrics
+  return step
+
+
+def task_results(records: Sequence[dict], *, missing: bool, lora_family: bool,
+                 trainable_share: float) -> dict:
+  """One method's per-task lists from :func:`task_step`'s ``records``:
+  ``acc_r``, ``acc_f``, ``acc_o``, ``h_mean`` (and ``acc_m`` when
+  ``missing``), the last epoch's ``loss`` and ``forget_ce``,
+  ``forget_class_acc``, ``group_norms`` and ``zeroed_groups`` (LoRA family;
+  ``zeroed_groups`` None otherwise), ``trainable_share`` and the summed
+  ``wall_seconds``."""
+  keys = ("acc_r", "acc_f", "acc_o", "h_mean") + (
+      ("acc_m",) if missing else ())
+  result = {k: [r.get(k) for r in records] for k in keys}
+  for k in ("loss", "forget_ce", "forget_class_acc"):
+    result[k] = [r.get(k) for r in records]
+  if lora_family:
+    result["group_norms"] = [r["group_norms"] for r in records]
+    result["zeroed_groups"] = [r["zeroed_groups"] for r in records]
+  else:
+    result["zeroed_groups"] = None
+  result["trainable_share"] = trainable_share
+  result["wall_seconds"] = float(sum(r["wall_seconds"] for r in records))
+  return result
