@@ -1,6 +1,7 @@
 """mima_digits' report: the targets (2-sd comparisons over seeds, the
 every-checkpoint target, retention matched), the paper's claims graded, the
-notes, the figures and the worst-concept plot. Methods are read in the
+notes, the figures and the worst-concept plot, and the summary blocks they
+read (one seed's methods, the attacks over seeds). Methods are read in the
 summary's order (``summary.methods``)."""
 
 from __future__ import annotations
@@ -8,7 +9,41 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import _claims, _plots
-from immunojax.eval import curves as eval_curves
+from immunojax.eval import concepts, curves as eval_curves
+
+
+def summarize(cfg, curves, retention, imm_wall, attack_wall, *,
+              order) -> dict:
+  """One seed's ``methods.<method>.{retention_accuracy, wall_seconds,
+  attacks.<attack>}`` (:func:`immunojax.eval.concepts.attack_scores` of
+  every attack scope), in the method order ``order``."""
+  names = [str(k) for k in cfg.concepts]
+  methods = {}
+  for m in order:
+    per_attack = {}
+    for mode, c in curves.items():
+      for scope, arrays in c["scopes"].items():
+        name = mode if mode == "phi_merge" else f"{mode}/{scope}"
+        per_attack[name] = {**concepts.attack_scores(
+            arrays[m], arrays["none"], c["collateral"][scope][m],
+            concepts=names, per_concept=scope == "per_concept"),
+            "diverged": c["diverged"][m],
+            "wall_seconds": attack_wall[mode] / (
+                len(c["scopes"]) * len(order))}
+    methods[m] = {"retention_accuracy": retention[m],
+                  "wall_seconds": imm_wall[m], "attacks": per_attack}
+  steps = next(iter(curves.values()))["steps"]
+  return {"methods": methods, "attack_steps": np.asarray(steps).tolist(),
+          "attack_wall_seconds": attack_wall, "scheme": cfg.scheme}
+
+
+def aggregate(runs: list[dict]) -> dict:
+  """``attacks.<attack>.<method>.{worst_concept, selectivity}``: mean and
+  sd over seeds at every checkpoint (sd 0 with one seed)."""
+  return {a: {m: {key: concepts.over_seeds(
+      [r["methods"][m]["attacks"][a][key] for r in runs])
+      for key in ("worst_concept", "selectivity")} for m in runs[0]["methods"]}
+      for a in runs[0]["methods"]["none"]["attacks"]}
 
 
 def targets(cfg, out) -> dict:

@@ -33,7 +33,6 @@ fixed noise draws.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Literal
 
 import jax
@@ -107,6 +106,10 @@ class Config:
   collateral_digits: int = dataclasses.field(default=3, metadata={
       "help": "non-target digits sampled after every attack (selectivity = "
               "concept accuracy / their accuracy)"})
+  uce_lambda: float = dataclasses.field(default=0.5, metadata={
+      "help": "UCE's weight on the pre-trained kernel (0.5 as released, for "
+              "SD's CLIP keys): lam / (lam + |k|^2) of an erased key's "
+              "output stays, about 0.2 with this encoder's |k|^2 of 1.6-2.3"})
   merge_ridge: float = 0.0
   attack_modes: tuple[str, ...] = ATTACK_MODES
   attack_steps: int = 500
@@ -129,6 +132,8 @@ class Config:
         "lr_kv", "lr_ti", "lora_rank", "copies"))
     if not 0 <= self.cfg_dropout < 1:
       raise ValueError(f"--cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
+    if not self.uce_lambda > 0:
+      raise ValueError(f"--uce-lambda must be > 0, got {self.uce_lambda}")
     for name in ("inner_lr", "prior_weight", "merge_ridge", "ascent_bound",
                  "collateral_digits"):
       if not getattr(self, name) >= 0:
@@ -266,8 +271,6 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
                 ascent_bound=bound, **extra)
   d = st.concept_data(cfg.concepts, cfg.concepts)
   key = jax.random.PRNGKey(cfg.seed + 5)
-  c = len(cfg.concepts)
-  each = jnp.eye(c)
   imms = {
       "max": imma.max_ascent(st.loss, upper=UPPER, optimizer=opt,
                              prior_weight=cfg.prior_weight,
@@ -278,33 +281,18 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
                                       **common)}
   sample = make_sampler(st, cfg, key)
 
-  def loop(name, which, start, rows, desc, steps=cfg.immunize_steps):
+  def fit(name, which, start, rows, desc, steps):
     imm = imms[which]
     state = run.fit(prefix + name, imm, imm.init(start, key), sample,
                     (d, rows), steps, key=key, desc=desc)
     return imm.params(state)
 
-  out, wall = {"none": erased}, {"none": 0.0}
-  t0 = time.perf_counter()
-  out["max"] = loop("max", "max", erased, each, "max (direct ascent)")
-  wall["max"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  p = erased
-  per = (cfg.immunize_steps if cfg.sequential_budget == "per_concept"
-         else cfg.immunize_steps // c)      # MIMA's budget in total
-  for i in range(c):
-    p = loop(f"imma_sequential_{i}", "imma", p, each[i:i + 1],
-             f"IMMA on <d{cfg.concepts[i]}> ({i + 1}/{c})", per)
-  out["imma_sequential"], wall["imma_sequential"] = p, time.perf_counter() - t0
-  t0 = time.perf_counter()
-  out["imma_joint"] = loop("imma_joint", "imma", erased, jnp.ones((1, c)),
-                           "IMMA on the pooled concepts")
-  wall["imma_joint"] = time.perf_counter() - t0
-  for name in ("mima", "mima_average_merge"):
-    t0 = time.perf_counter()
-    out[name] = loop(name, name, erased, each, f"MIMA ({name})")
-    wall[name] = time.perf_counter() - t0
-  return out, wall
+  return concepts.immunize_methods(
+      fit, erased, concepts=[f"<d{k}>" for k in cfg.concepts],
+      steps=cfg.immunize_steps,
+      sequential_steps=(cfg.immunize_steps   # MIMA's budget in total
+                        if cfg.sequential_budget == "per_concept"
+                        else cfg.immunize_steps // len(cfg.concepts)))
 
 
 def inner_optimizer(cfg: Config):
@@ -367,35 +355,22 @@ def attack_all(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
 def immunize_matched(cfg: Config, run: _runner.Run,
                      st: t2i.DigitTextToImage, erased, retention_of, *,
                      bound, prefix=""):
-  """Every method at its prior weight: with ``--prior-weights``, the
-  smallest whose retention on a selection draw (``retention_of(params,
-  "select")``) reaches ``--retention-floor``, else the one that retains
+  """Every method at its prior weight (:func:`immunojax.eval.concepts.
+  match_utility`): with ``--prior-weights``, the smallest whose retention on
+  a selection draw reaches ``--retention-floor``, else the one that retains
   most. Returns (params, wall seconds, ``retention_matched``)."""
-  weights = sorted(cfg.prior_weights) or [cfg.prior_weight]
-  tried = {}
-  for w in weights:
-    c = dataclasses.replace(cfg, prior_weight=w)
-    name = prefix + (f"prior_{w:g}/" if len(weights) > 1 else "")
+  weights = cfg.prior_weights or (cfg.prior_weight,)
+
+  def train_at(w):
     if len(weights) > 1:
       run.print(f"  prior weight {w:g}")
-    params, wall = immunize(c, run, st, erased, bound=bound, prefix=name)
-    sel = ({m: retention_of(p, "select") for m, p in params.items()}
-           if len(weights) > 1 else None)
-    tried[w] = (params, wall, sel)
-  out, walls, matched = {}, {}, {}
-  for m in tried[weights[0]][0]:
-    if len(weights) == 1 or m == "none":
-      w, ok = weights[0], None
-    else:
-      w, ok = concepts.matched_weight({v: tried[v][2][m] for v in weights},
-                                      cfg.retention_floor)
-    out[m] = tried[w][0][m]
-    walls[m] = float(sum(t[1][m] for t in tried.values()))
-    matched[m] = {"prior_weight": None if m == "none" else w,
-                  "selection_matched": ok,
-                  "swept": None if len(weights) == 1 else {
-                      f"{v:g}": tried[v][2][m] for v in weights}}
-  return out, walls, matched
+    name = prefix + (f"prior_{w:g}/" if len(weights) > 1 else "")
+    return immunize(dataclasses.replace(cfg, prior_weight=w), run, st,
+                    erased, bound=bound, prefix=name)
+
+  return concepts.match_utility(
+      train_at, weights, utility=lambda p: retention_of(p, "select"),
+      floor=cfg.retention_floor)
 
 
 def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
@@ -404,7 +379,7 @@ def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
   st = world(cfg)
   classify, features, clf_acc = classifier(cfg, run, st, prefix)
   pretrained = pretrain(cfg, run, st, prefix)
-  erased = st.erase(pretrained, cfg.concepts)
+  erased = st.erase(pretrained, cfg.concepts, lam=cfg.uce_lambda)
   metric = st.judge_metric(classify, features)
   metric_jit = jax.jit(metric)
   others = [k for k in range(10) if k not in cfg.concepts]
@@ -440,7 +415,8 @@ def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
   target_acc_before = {m: np.asarray(metric_jit(p, targets_ev))[:, 0].tolist()
                        for m, p in immunized.items()}
   curves, attack_wall = attack_all(cfg, run, st, metric, immunized)
-  out = summarize(cfg, curves, retention, imm_wall, attack_wall)
+  out = _mima_report.summarize(cfg, curves, retention, imm_wall, attack_wall,
+                              order=METHODS)
   out.update({
       "classifier_test_accuracy": clf_acc,
       "concepts": list(cfg.concepts),
@@ -476,7 +452,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                              "displacement_ratio",
                              "concept_accuracy_before_attack")}
           for r in runs[1:]],
-      "attacks": aggregate(runs),
+      "attacks": _mima_report.aggregate(runs),
       "paper": {"imma_table1_sgr": PAPER_IMMA_SGR,
                 "mima_tables": "not available (spec §3.3)"}})
   out["targets"] = _mima_report.targets(cfg, out)
@@ -485,36 +461,6 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   _mima_report.figures(cfg, run, out)
   _mima_report.plot(cfg, run, out)
   return out
-
-
-def summarize(cfg, curves, retention, imm_wall, attack_wall) -> dict:
-  names = [str(k) for k in cfg.concepts]
-  methods = {}
-  for m in METHODS:
-    per_attack = {}
-    for mode, c in curves.items():
-      for scope, arrays in c["scopes"].items():
-        name = mode if mode == "phi_merge" else f"{mode}/{scope}"
-        per_attack[name] = {**concepts.attack_scores(
-            arrays[m], arrays["none"], c["collateral"][scope][m],
-            concepts=names, per_concept=scope == "per_concept"),
-            "diverged": c["diverged"][m],
-            "wall_seconds": attack_wall[mode] / (
-                len(c["scopes"]) * len(METHODS))}
-    methods[m] = {"retention_accuracy": retention[m],
-                  "wall_seconds": imm_wall[m], "attacks": per_attack}
-  steps = next(iter(curves.values()))["steps"]
-  return {"methods": methods, "attack_steps": np.asarray(steps).tolist(),
-          "attack_wall_seconds": attack_wall, "scheme": cfg.scheme}
-
-
-def aggregate(runs: list[dict]) -> dict:
-  """``attacks.<attack>.<method>.{worst_concept, selectivity}``: mean and
-  sd over seeds at every checkpoint (sd 0 with one seed)."""
-  return {a: {m: {key: concepts.over_seeds(
-      [r["methods"][m]["attacks"][a][key] for r in runs])
-      for key in ("worst_concept", "selectivity")} for m in METHODS}
-      for a in runs[0]["methods"]["none"]["attacks"]}
 
 
 main = _cli.entry_point("mima_digits", Config, experiment, quick=QUICK,

@@ -200,6 +200,7 @@ def test_library_refuses_or_reports_degenerate_values(case):
     ("mima_digits", ["--prior-null", "1.5"], "--prior-null"),
     ("mima_digits", ["--prior-weights", "1,1"], "--prior-weights"),
     ("mima_digits", ["--collateral-digits", "8"], "--collateral-digits"),
+    ("mima_digits", ["--uce-lambda", "0"], "--uce-lambda"),
 ])
 def test_options_are_validated_before_anything_is_written(tmp_path, module,
                                                            args, needle):

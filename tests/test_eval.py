@@ -439,6 +439,57 @@ def test_over_seeds_and_matched_weight():
     concepts.matched_weight({}, 0.9)
 
 
+def test_match_utility_keeps_each_method_at_its_own_weight():
+  # "params" are (method, weight) tags; utility falls with the weight for
+  # "a", rises for "b"; "none" ignores the weight
+  calls = []
+
+  def train_at(w):
+    calls.append(w)
+    return ({m: (m, w) for m in ("none", "a", "b")},
+            {"none": 0.0, "a": 1.0, "b": 2.0})
+  util = {("a", 1.0): 0.95, ("a", 3.0): 0.90, ("b", 1.0): 0.80,
+          ("b", 3.0): 0.85}
+  params, walls, rec = concepts.match_utility(
+      train_at, (3.0, 1.0), utility=lambda p: util.get(p, 1.0), floor=0.93)
+  assert calls == [1.0, 3.0]                          # the grid, in order
+  assert params == {"none": ("none", 1.0), "a": ("a", 1.0),
+                    "b": ("b", 3.0)}                  # b: best, not matched
+  assert walls == {"none": 0.0, "a": 2.0, "b": 4.0}   # summed over the grid
+  assert rec["a"]["selection_matched"] is True
+  assert rec["b"] == {"prior_weight": 3.0, "selection_matched": False,
+                      "swept": {"1": 0.80, "3": 0.85}}
+  assert rec["none"]["prior_weight"] is None
+  # one weight: nothing selected, nothing swept
+  _, _, one = concepts.match_utility(train_at, (2.0,), utility=None,
+                                     floor=0.93)
+  assert one["a"] == {"prior_weight": 2.0, "selection_matched": None,
+                      "swept": None}
+
+
+def test_immunize_methods_chains_sequential_imma_and_pools_joint():
+  log = []
+
+  def fit(name, which, params, slots, desc, steps):
+    log.append((name, which, params, np.asarray(slots).tolist(), steps))
+    return params + [name]
+
+  out, wall = concepts.immunize_methods(fit, [], concepts=["x", "y"],
+                                        steps=10, sequential_steps=5)
+  assert out["none"] == [] and wall["none"] == 0.0
+  assert out["imma_sequential"] == ["imma_sequential_0", "imma_sequential_1"]
+  assert [e[3] for e in log if e[0].startswith("imma_seq")] == [
+      [[1.0, 0.0]], [[0.0, 1.0]]]                     # one concept a slot
+  assert [e[4] for e in log if e[0].startswith("imma_seq")] == [5, 5]
+  joint = next(e for e in log if e[0] == "imma_joint")
+  assert joint[1] == "imma" and joint[3] == [[1.0, 1.0]] and joint[4] == 10
+  for m in ("max", "mima", "mima_average_merge"):   # each from the start
+    e = next(e for e in log if e[0] == m)
+    assert e[2] == [] and e[3] == [[1.0, 0.0], [0.0, 1.0]]
+  assert list(out) == ["none", "max", "imma_sequential", "imma_joint",
+                       "mima", "mima_average_merge"]
+
+
 def test_concept_sampler_slots_pools_and_null_rows():
   c, n, batch = 3, 10, 4
   data = {"x": jnp.arange(c)[:, None, None] * jnp.ones((c, n, 2)),

@@ -10,12 +10,14 @@ scores it is read by, and the utility-matched choice of its prior weight.
   ratios against the undefended model.
 * :func:`over_seeds`: mean and sd over seeds at every checkpoint.
 * :func:`matched_weight`: the smallest weight whose utility reaches a
-  floor (methods compared at equal utility).
+  floor (methods compared at equal utility); :func:`match_utility` trains
+  every method over a grid of weights and keeps each at its own.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -171,3 +173,90 @@ def matched_weight(scores: Mapping[float, float], floor: float
   if ok:
     return ok[0], True
   return max(sorted(scores), key=lambda w: scores[w]), False
+
+
+def match_utility(train_at: Callable[[float], tuple[dict, dict]],
+                  weights: Sequence[float], *, utility: Callable[[Any], float],
+                  floor: float, unweighted: Sequence[str] = ("none",)):
+  """Every method trained at each weight, kept at its :func:`matched_weight`.
+
+  Args:
+    train_at: ``train_at(w) -> ({method: params}, {method: seconds})``.
+    weights: the grid; with one weight nothing is selected.
+    utility: ``utility(params) -> float`` on a selection draw (not the one
+      reported).
+    floor: the utility every method should keep.
+    unweighted: methods the weight does not apply to (kept at the first).
+
+  Returns:
+    ``(params, seconds, record)`` per method: the kept parameters, the
+    seconds summed over the sweep, and ``{"prior_weight", "selection_matched",
+    "swept"}`` (None where nothing was selected).
+  """
+  weights = sorted(weights)
+  tried = {}
+  for w in weights:
+    params, wall = train_at(w)
+    sel = ({m: utility(p) for m, p in params.items()}
+           if len(weights) > 1 else None)
+    tried[w] = (params, wall, sel)
+  out, walls, record = {}, {}, {}
+  for m in tried[weights[0]][0]:
+    if len(weights) == 1 or m in unweighted:
+      w, ok = weights[0], None
+    else:
+      w, ok = matched_weight({v: tried[v][2][m] for v in weights}, floor)
+    out[m] = tried[w][0][m]
+    walls[m] = float(sum(t[1][m] for t in tried.values()))
+    record[m] = {"prior_weight": None if m in unweighted else w,
+                 "selection_matched": ok,
+                 "swept": None if len(weights) == 1 else {
+                     f"{v:g}": tried[v][2][m] for v in weights}}
+  return out, walls, record
+
+
+def immunize_methods(fit: Callable, start, *, concepts: Sequence,
+                     steps: int, sequential_steps: int):
+  """The multi-concept comparison (IMMA / MIMA papers): from ``start``,
+  ``max`` (direct ascent, one slot per concept), ``imma_sequential`` (IMMA
+  on one concept at a time, chained, ``sequential_steps`` each),
+  ``imma_joint`` (IMMA on the pooled concepts, one slot), ``mima`` and
+  ``mima_average_merge`` (one slot per concept, merged); ``none`` is
+  ``start`` itself.
+
+  Args:
+    fit: ``fit(name, which, params, slots, desc, steps) -> params`` trains
+      immunizer ``which`` (``max``, ``imma``, ``mima``,
+      ``mima_average_merge``) from ``params`` on the slot matrix ``slots``
+      (rows: slots, columns: concepts) under the loop name ``name``.
+    concepts: the concepts' names (progress descriptions).
+
+  Returns:
+    ``(params, seconds)`` per method (a loop's first step compiles).
+  """
+  c = len(concepts)
+  each = jnp.eye(c)
+  out, wall = {"none": start}, {"none": 0.0}
+
+  def timed(name, train):
+    t0 = time.perf_counter()
+    out[name] = train()
+    wall[name] = time.perf_counter() - t0
+
+  def sequential():
+    p = start
+    for i in range(c):
+      p = fit(f"imma_sequential_{i}", "imma", p, each[i:i + 1],
+              f"IMMA on {concepts[i]} ({i + 1}/{c})", sequential_steps)
+    return p
+
+  timed("max", lambda: fit("max", "max", start, each, "max (direct ascent)",
+                           steps))
+  timed("imma_sequential", sequential)
+  timed("imma_joint", lambda: fit("imma_joint", "imma", start,
+                                  jnp.ones((1, c)),
+                                  "IMMA on the pooled concepts", steps))
+  for name in ("mima", "mima_average_merge"):
+    timed(name, lambda name=name: fit(name, name, start, each,
+                                      f"MIMA ({name})", steps))
+  return out, wall

@@ -129,17 +129,19 @@ class DigitTextToImage:
     return jnp.stack([prompts.encode(self.encoder, self.prompt(k))[2]
                       for k in digits])
 
-  def erase(self, params, concepts: Sequence[int]):
+  def erase(self, params, concepts: Sequence[int], **uce_options):
     """UCE on every attn2 key/value kernel: each target's ``<dk>`` row maps
     to the empty token's output; the other digits' rows and the shared
-    ``a`` / ``digit`` rows are preserved."""
+    ``a`` / ``digit`` rows are preserved. ``uce_options``: those of
+    :func:`immunojax.methods.imma.uce_kernel` (e.g. ``lam``)."""
     others = [k for k in range(10) if k not in concepts]
     guide = prompts.encode(self.encoder, self.null)[2]
     shared = prompts.encode(self.encoder, prompts.class_prompt(self.vocab))[:2]
     erase_keys = self.concept_rows(concepts)
     keep = jnp.concatenate([self.concept_rows(others), shared])
     unet = imma.erase_concepts(params["unet"], erase_keys,
-                               jnp.broadcast_to(guide, erase_keys.shape), keep)
+                               jnp.broadcast_to(guide, erase_keys.shape), keep,
+                               **uce_options)
     return {**params, "unet": unet}
 
   def merge_keys(self, concepts: Sequence[int], *, seed: int,
