@@ -241,16 +241,19 @@ def normalize_option() -> Any:
 
 
 def require(config, *, positive: tuple[str, ...] = (),
-            nonnegative: tuple[str, ...] = ()) -> None:
+            nonnegative: tuple[str, ...] = (), unit: tuple[str, ...] = (),
+            divisible: tuple[tuple[str, str], ...] = ()) -> None:
   """Range checks for a config's ``__post_init__``: each named number (or
-  every number of a tuple field) must be > 0 / >= 0; a tuple named in
-  ``positive`` must not be empty.
+  every number of a tuple field) must be > 0 / >= 0 / in [0, 1] (``unit``;
+  with ``positive`` too: (0, 1]); a tuple named in ``positive`` must not be
+  empty; each ``(a, b)`` in ``divisible``: ``a`` a multiple of ``b``.
 
   Raises:
     ValueError: naming the option (as its command-line flag) and the value.
   """
   for names, ok, word in ((positive, lambda v: v > 0, "> 0"),
-                          (nonnegative, lambda v: v >= 0, ">= 0")):
+                          (nonnegative, lambda v: v >= 0, ">= 0"),
+                          (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):
     for name in names:
       value = getattr(config, name)
       items = value if isinstance(value, tuple) else (value,)
@@ -259,3 +262,7 @@ def require(config, *, positive: tuple[str, ...] = (),
       for v in items:
         if isinstance(v, (int, float)) and not ok(v):
           raise ValueError(f"{_flag(name)} must be {word}, got {v!r}")
+  for a, b in divisible:
+    va, vb = getattr(config, a), getattr(config, b)
+    if va % vb:
+      raise ValueError(f"{_flag(a)} {va} is not divisible by {_flag(b)} {vb}")

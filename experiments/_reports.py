@@ -20,6 +20,16 @@ SMOKE_BANNER = ("**Smoke size (`--quick`): the pipeline runs, the numbers "
                 "full size for figures to compare.")
 
 
+def target_word(v) -> str:
+  """A target's verdict: met, MISSED, or n/a (None: nothing to judge)."""
+  return "n/a" if v is None else "met" if v else "MISSED"
+
+
+def print_targets(run, targets: dict) -> None:
+  for k, v in targets.items():
+    run.print(f"  target {k}: {target_word(v)}")
+
+
 def claim_line(c: dict, *, quick: bool = False) -> str:
   """One claim as a markdown bullet: the verdict first, then the claim,
   the reason and the figure (a smoke-size verdict says so)."""
@@ -55,7 +65,7 @@ def run_report(summary: dict, out: Path) -> str:
   targets = summary.get("targets")
   if isinstance(targets, dict) and targets:
     lines += ["", "## Targets", ""] + [
-        f"- {k}: {'n/a' if v is None else 'met' if v else 'MISSED'}"
+        f"- {k}: {target_word(v)}"
         for k, v in targets.items()]
   if summary.get("notes"):
     lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]

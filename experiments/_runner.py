@@ -100,6 +100,22 @@ class Run:
     if self.primary:
       print(*args, flush=True)
 
+  def over_seeds(self, seeds, one_seed: Callable[[int, str], Any]) -> list:
+    """``one_seed(seed, prefix)`` for each seed in turn: the first seed's
+    loops unprefixed (as a one-seed run), the others' under ``seed_<s>/``.
+    Each seed's models are new closures whose programs compile anew, so the
+    compile caches are dropped between seeds: a long 3-seed run once died
+    in LLVM ("Cannot allocate memory") at the kernel's 65,530 maps."""
+    import jax  # noqa: PLC0415
+    out = []
+    for i, s in enumerate(seeds):
+      if len(seeds) > 1:
+        self.print(f"seed {s} ({i + 1}/{len(seeds)})")
+      out.append(one_seed(s, "" if i == 0 else f"seed_{s}/"))
+      if i < len(seeds) - 1:
+        jax.clear_caches()
+    return out
+
   def progress(self, iterable, *, desc: str, total: int | None = None,
                initial: int = 0):
     from tqdm.auto import tqdm  # noqa: PLC0415

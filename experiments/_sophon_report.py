@@ -3,7 +3,7 @@ notes, and the paper-protocol plot."""
 
 from __future__ import annotations
 
-from experiments import _claims, _plots
+from experiments import _claims, _plots, _reports
 
 
 INTACT_POINTS = 0.03    # "keeps the original domain": within 3 points
@@ -91,8 +91,7 @@ def report(cfg, run, out, rate, *, paper):
       "grid: delta_protected <= 0 for every transferring attack inside "
       "the environments": all(d["inside_delta_protected_le_0"]
                               for d in out["domains"].values())}
-  for k, v in out["targets"].items():
-    run.print(f"  target {k}: {'met' if v else 'MISSED'}")
+  _reports.print_targets(run, out["targets"])
   out["claims"] = claims(out)
   notes = []
   c = out["calibration"]

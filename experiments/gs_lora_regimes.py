@@ -32,7 +32,7 @@ import dataclasses
 
 import numpy as np
 
-from experiments import _claims, _cli, _config, _options, _runner
+from experiments import _claims, _cli, _config, _options, _reports, _runner
 from experiments import gs_lora_digits as gsd
 
 PAPER_FEW_SHOT_ACC_F = {"gs_lora": 14.29, "gs_lora_pp": 0.15}   # task 1, %
@@ -309,8 +309,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
                note=ch["rule"])
   agg["targets"] = targets(agg)
   agg["claims"] = claims(agg)
-  for k, v in agg["targets"].items():
-    run.print(f"  target {k}: {'met' if v else 'MISSED'}")
+  _reports.print_targets(run, agg["targets"])
   hard = agg["few_shot_hard"]
   for m in hard:
     run.figure(f"hard few-shot Acc_f task 1, {m} (%)",

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 from experiments import (_claims, _cli, _config, _options, _plots, _pretrain,
-                         _runner)
+                         _reports, _runner)
 from immunojax import attacks, data, losses, models
 from immunojax.data import diffusion, domains as doms
 from immunojax.eval import curves as ev_curves
@@ -283,8 +283,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
     run.figure(f"original-domain test MSE (t <= {cfg.t_max}), {s} model",
                out["original_test_mse"][s]["mean"],
                note=f"sd {out['original_test_mse'][s]['std']:.4f}")
-  for k, v in out["targets"].items():
-    run.print(f"  target {k}: {'n/a' if v is None else 'met' if v else 'MISSED'}")
+  _reports.print_targets(run, out["targets"])
   for line in notes:
     run.print("  " + line)
   _plot(cfg, run, out)

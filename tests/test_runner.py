@@ -1,6 +1,7 @@
 """Experiment runner: CLI, configs, determinism, crash-resume, refusals."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,51 @@ def test_tuple_and_optional_types():
   assert cfg.sizes == (3, 4, 5) and cfg.limit is None
   conv, _ = _config._converter(tuple[int, ...])
   assert conv("7,8") == (7, 8)
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"share": 0.0}, "--share must be > 0, got 0.0"),
+    ({"share": 1.5}, "--share must be in [0, 1], got 1.5"),
+    ({"rates": (0.1, -1.0)}, "--rates must be >= 0, got -1.0"),
+    ({"rates": (0.1, float("nan"))}, "--rates must be >= 0, got nan"),
+    ({"dim": 30}, "--dim 30 is not divisible by --heads 4"),
+    ({"share": 1.0, "rates": (), "dim": 8}, None),
+])
+def test_require_names_the_option_and_its_range(values, needle):
+  import dataclasses
+
+  @dataclasses.dataclass(frozen=True)
+  class C:
+    share: float = 0.5
+    rates: tuple[float, ...] = (0.1,)
+    dim: int = 32
+    heads: int = 4
+
+  def check():
+    _config.require(C(**values), positive=("share",), nonnegative=("rates",),
+                    unit=("share",), divisible=(("dim", "heads"),))
+  if needle is None:
+    check()
+  else:
+    with pytest.raises(ValueError, match=re.escape(needle)):
+      check()
+
+
+def test_over_seeds_prefixes_all_but_the_first_seed(tmp_path, capsys):
+  import dataclasses
+
+  from experiments import _runner
+
+  @dataclasses.dataclass(frozen=True)
+  class C:
+    seed: int = 0
+  run = _runner.Run("t", C(), _runner.RunOptions(
+      out=tmp_path, resume=False, overwrite=False, quiet=True, quick=True,
+      checkpoint_every=5, keep_checkpoints=2))
+  calls = run.over_seeds([4, 5, 6], lambda s, prefix: (s, prefix))
+  assert calls == [(4, ""), (5, "seed_5/"), (6, "seed_6/")]
+  assert "seed 6 (3/3)" in capsys.readouterr().out
+  assert run.over_seeds([4], lambda s, prefix: prefix) == [""]
 
 
 def test_run_directory_contents_and_determinism(tmp_path):
