@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import _claims, _plots
+from experiments import _claims, _plots, _reports
 from immunojax.eval.forgetting import LORA_FAMILY
 
 
@@ -26,6 +26,14 @@ DEVIATIONS = [
     "retraining starts fresh with its random head frozen.",
     "Deviation: stratified ratio subsets, seeded numpy class order, padded "
     "batches with zero weights."]
+
+
+def task_line(regime: str, method: str, result: dict) -> str:
+  """One method's per-task H, Acc_r and Acc_f, for the log."""
+  return f"[{regime}] {method}: " + " | ".join(
+      f"{name} " + ", ".join(_reports.fmt(v) for v in result[key])
+      for name, key in (("H", "h_mean"), ("Acc_r", "acc_r"),
+                        ("Acc_f", "acc_f")))
 
 
 def findings(cfg, out) -> list[str]:

@@ -16,24 +16,10 @@ scored on the other half).
 
   python -m experiments.gs_lora_digits
 
-Deviations from the released code and the paper, each deliberate (also in
-every report.md):
-  * accuracy is top-1 with the CosFace margin on, as the released code
-    evaluates (the true class must win by m in cosine);
-  * alpha is chosen per regime by :mod:`experiments.gs_lora_regimes` (after
-    a 20-epoch warm-up; the released 1e-4 runs beside it), and in the
-    missing-class regime the forget bound is on every example's CE
-    (``bounded_each``, BND 25): the released bound on the batch-mean CE is
-    met there by one forgotten class alone while the other stays; GS-LoRA++'s
-    push term uses lambda_f 0.5 with BND_pro 1.0 (the released 0.01-0.06 /
-    18-50 are for 512-d face features);
-  * every baseline trains the same forget loss as GS-LoRA on all
-    weights but the head (the paper's baselines relabel the forgotten images
-    and replay); retraining starts from a fresh model with its random
-    CosFace head frozen;
-  * ratio subsets are stratified per class (the code draws 10% of the pooled
-    split), the class order is a seeded numpy permutation, batches are padded
-    to a static size with zero weights (a ragged last batch is exact).
+Deviations from the released code and the paper, each deliberate, are in
+every report.md (``_gs_lora_report.DEVIATIONS``): margin-on accuracy, alpha
+and the forget term chosen per regime, baselines that train GS-LoRA's forget
+loss, stratified subsets and padded batches.
 """
 
 from __future__ import annotations
@@ -49,7 +35,7 @@ from flax import nnx
 
 from experiments import (_cli, _config, _gs_lora_report, _options, _plots,
                          _reports, _runner)
-from immunojax import attacks, data, lora, losses, models
+from immunojax import attacks, data, lora, models
 from immunojax.data import continual
 from immunojax.eval import continual as continual_eval, forgetting, relearning
 
@@ -59,8 +45,6 @@ Method = Literal["gs_lora", "gs_lora_pp", "lora", "finetune", "l2", "ewc",
                  "retrain"]
 METHODS = ("gs_lora", "gs_lora_pp", "lora", "finetune", "l2", "ewc",
            "retrain")
-LORA_FAMILY = forgetting.LORA_FAMILY
-FFN = forgetting.FFN
 # T-PAMI Table 3 (CASIA-100 face, 10% data), task 100-20, GS-LoRA row, and
 # the few-shot block's GS-LoRA / GS-LoRA++ Acc_r, in %.
 PAPER = {"h_task1": 74.40, "acc_r_task1": 74.16, "acc_f_task1": 0.00,
@@ -146,7 +130,8 @@ class Config(_options.Probe):
         "dropout", "margin", "weight_decay", "missing_classes",
         "alpha_ratio", "alpha_few_shot", "alpha_missing",
         "alpha_warmup_epochs", "released_alpha", "prototype_weight",
-        "prototype_bound", "pull_weight", "l2_weight", "ewc_weight"))
+        "prototype_bound", "pull_weight", "l2_weight", "ewc_weight"),
+        unit=("ratio",), divisible=(("dim", "heads"),))
     continual.tasks(range(10), first_retained=self.first_retained,
                     per_task=self.per_task, num_tasks=self.num_tasks)
     for name in ("beta_ratio", "beta_few_shot"):
@@ -159,14 +144,9 @@ class Config(_options.Probe):
       raise ValueError(f"--missing-classes {self.missing_classes} must leave "
                        f"a retained class with data in the last task "
                        f"({last_kept} retained)")
-    if self.ratio > 1:
-      raise ValueError(f"--ratio must be in (0, 1], got {self.ratio}")
     if self.probe_steps % 10:
       raise ValueError(f"--probe-steps must be a multiple of 10, got "
                        f"{self.probe_steps}")
-    if self.dim % self.heads:
-      raise ValueError(f"--dim {self.dim} is not divisible by --heads "
-                       f"{self.heads}")
     if self.rank > min(self.dim, self.mlp_dim):
       raise ValueError(f"--rank {self.rank} exceeds min(dim, mlp_dim)")
 
@@ -201,20 +181,6 @@ def build(cfg: Config, seed: int):
   return (lambda p, x, y, key: apply(p, x, y, key=key)), params
 
 
-PRETRAIN_BATCH = 64
-
-
-def make_pretrainer(cfg: Config, forward, npad: int, split=lambda b: b):
-  """``(epoch, optimizer)`` of :func:`immunojax.eval.forgetting.
-  pretrain_epoch` at this config (AdamW, wd on matrices, cosine over
-  ``pretrain_epochs``, batch 64); one compilation serves every
-  pre-training set."""
-  return forgetting.pretrain_epoch(
-      forward, epochs=cfg.pretrain_epochs, learning_rate=cfg.pretrain_lr,
-      weight_decay=cfg.weight_decay, batch_size=PRETRAIN_BATCH,
-      num_padded=npad, split=split)
-
-
 def pretrain(cfg, run, ctx, keep, *, loop, desc):
   """Pre-trains from ``ctx["init"]`` on the training images ``keep``
   (indices), a checkpointed loop of epochs."""
@@ -230,46 +196,11 @@ def pretrain(cfg, run, ctx, keep, *, loop, desc):
   return state[0]
 
 
-# ------------------------------------------------------------ task runs
-def make_runner(cfg: Config, forward, family: str, bs: int, npad: int,
-                fpad: int, head_frozen, split=lambda b: b,
-                forget: str = "bounded"):
-  """:func:`immunojax.eval.forgetting.method_runner` at this config: one
-  jitted task run per (family, batch size, padding, forget term)."""
-  return forgetting.method_runner(
-      forward, family, epochs=cfg.epochs, min_lr=cfg.min_lr,
-      weight_decay=cfg.weight_decay, rank=cfg.rank,
-      alpha_warmup_epochs=cfg.alpha_warmup_epochs,
-      prototype_bound=cfg.prototype_bound, logit_scale=cfg.cosface_scale,
-      batch_size=bs, retain_pad=npad, forget_pad=fpad,
-      head_frozen=head_frozen, split=split, forget=forget)
-
-
 # --------------------------------------------------------------- protocol
-def _split(seed: int):
-  x, y = data.load_digits()
-  rng = np.random.default_rng(seed)
-  tr, te = [], []
-  for c in range(10):
-    idx = rng.permutation(np.flatnonzero(y == c))
-    k = int(round(0.3 * len(idx)))
-    te.append(idx[:k])
-    tr.append(idx[k:])
-  tr, te = np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
-  return x[tr], y[tr], x[te], y[te]
-
-
 def task_subsets(cfg, y_train, tasks, regime, missing):
-  out = []
-  for t, task in enumerate(tasks):
-    kw = dict(regime=regime, ratio=cfg.ratio, shots=cfg.shots,
-              missing=missing, seed=cfg.seed * 1000 + 17 * t)
-    out.append((continual.subset(y_train, task.retain, **kw),
-                continual.subset(y_train, task.forget, **kw)))
-  return out
-
-
-Evaluator = forgetting.Evaluator
+  return continual.task_subsets(y_train, tasks, regime=regime,
+                                ratio=cfg.ratio, shots=cfg.shots,
+                                missing=missing, seed=cfg.seed)
 
 
 def coefficients(cfg, method, regime, t, forget=None):
@@ -301,9 +232,13 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
   npad = max(len(r) for r, _ in ctx["all_subsets"][bs])
   fpad = max(len(f) for _, f in ctx["all_subsets"][bs])
   if (family, bs, forget) not in ctx["runners"]:
-    ctx["runners"][family, bs, forget] = make_runner(
-        cfg, ctx["forward"], family, bs, npad, fpad, ctx["head_frozen"],
-        run.split_batch, forget)
+    ctx["runners"][family, bs, forget] = forgetting.method_runner(
+        ctx["forward"], family, epochs=cfg.epochs, min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay, rank=cfg.rank,
+        alpha_warmup_epochs=cfg.alpha_warmup_epochs,
+        prototype_bound=cfg.prototype_bound, logit_scale=cfg.cosface_scale,
+        batch_size=bs, retain_pad=npad, forget_pad=fpad,
+        head_frozen=ctx["head_frozen"], split=run.split_batch, forget=forget)
   runner = ctx["runners"][family, bs, forget]
   step = forgetting.task_step(
       runner, ctx["x_train"], ctx["y_train"], evaluator=ctx["evaluator"],
@@ -326,35 +261,22 @@ def run_method(cfg, run, ctx, regime, method, *, variant=None, prefix=""):
       lora_family=family == "lora",
       trainable_share=ctx["share"][family if base != "retrain"
                                    else "retrain"])
-  run.print(f"[{regime}] {method}: H " + ", ".join(
-      _reports.fmt(h) for h in result["h_mean"]) + " | Acc_r " + ", ".join(
-      _reports.fmt(a) for a in result["acc_r"]) + " | Acc_f " + ", ".join(
-      _reports.fmt(a) for a in result["acc_f"]))
+  run.print(_gs_lora_report.task_line(regime, method, result))
   return result, state["first"]
 
 
 # ------------------------------------------------------------ relearning
 def probe_target(cfg: Config, ctx: dict, seed: int) -> attacks.Target:
-  """The relearning probe's target: ``probe_shots`` images of every class to
-  train on; the metric is margin-on accuracy on task 1's forgotten classes'
-  test images, ``[validation, test]`` (stratified halves: the attacker and
-  checkpoint are chosen on one, read on the other)."""
+  """The relearning probe's target (:func:`immunojax.eval.relearning.
+  class_recovery_target`): ``probe_shots`` images of every class to train
+  on; margin-on accuracy on task 1's forgotten classes' test images."""
   forward, ev = ctx["forward"], ctx["evaluator"]
   idx = relearning.few_shot_indices(np.asarray(ctx["y_train"]),
                                     cfg.probe_shots, classes=range(10),
                                     seed=seed + 404)
-  forgot = np.flatnonzero(np.isin(ev.y, list(ctx["tasks"][0].forget)))
-  val, test = (forgot[h] for h in relearning.validation_halves(
-      ev.y[forgot], seed + 405))
-
-  def acc(p, rows):
-    x, y = ev.x[rows], jnp.asarray(ev.y[rows])
-    return models.accuracy(forward(p, x, y, None)[0], y)
-
-  return attacks.Target(
-      loss_fn=lambda p, b: losses.cross_entropy(
-          forward(p, b[0], b[1], None)[0], b[1]),
-      metric_fn=lambda p: jnp.stack([acc(p, val), acc(p, test)]),
+  return relearning.class_recovery_target(
+      lambda p, x, y: forward(p, x, y, None)[0], eval_data=(ev.x, ev.y),
+      classes=ctx["tasks"][0].forget, seed=seed + 405,
       train_data=(ctx["x_train"][idx], ctx["y_train"][idx]), head=("^head$",),
       lora_config=lora.LoraConfig(r=cfg.rank, lora_alpha=float(cfg.rank),
                                   target_modules=(
@@ -387,12 +309,19 @@ def setup(cfg: Config, run: _runner.Run, *, prefix: str = "") -> dict:
   """Data, model, class order and tasks, the pre-trained model and its
   per-task accuracies, subsets per regime: what every method's run shares
   (``prefix`` names the pre-training loop, e.g. a seed's)."""
-  x_train, y_train, x_test, y_test = _split(cfg.seed)
+  x, y = data.load_digits()     # 30% of each class held out, seeded
+  tr, te = (np.sort(i) for i in data.stratified_indices(
+      y, range(10), test_fraction=0.3, rng=np.random.default_rng(cfg.seed)))
+  x_train, y_train, x_test, y_test = x[tr], y[tr], x[te], y[te]
   forward, init = build(cfg, cfg.seed)
   ctx = {"forward": forward, "init": init,
          "x_train": jnp.asarray(x_train), "y_train": jnp.asarray(y_train),
-         "pretrainer": make_pretrainer(cfg, forward, len(y_train),
-                                       run.split_batch)}
+         # AdamW, wd on matrices, cosine over pretrain_epochs, batch 64: one
+         # compilation serves every pre-training set
+         "pretrainer": forgetting.pretrain_epoch(
+             forward, epochs=cfg.pretrain_epochs,
+             learning_rate=cfg.pretrain_lr, weight_decay=cfg.weight_decay,
+             batch_size=64, num_padded=len(y_train), split=run.split_batch)}
   order = continual.class_order(10, cfg.seed + 1337)
   tasks = continual.tasks(order, first_retained=cfg.first_retained,
                           per_task=cfg.per_task, num_tasks=cfg.num_tasks)
@@ -400,11 +329,8 @@ def setup(cfg: Config, run: _runner.Run, *, prefix: str = "") -> dict:
   pretrained = pretrain(cfg, run, ctx, np.arange(len(y_train)),
                         loop=f"{prefix}pretrain",
                         desc="pre-training (all classes)")
-  ev = Evaluator(forward, x_test, y_test)
-  correct = ev.correct(pretrained)
-  pre = [{"acc_r": ev.accuracy(correct, t.retain),
-          "acc_f": ev.accuracy(correct, t.forget)} for t in tasks]
-  pre_all = ev.accuracy(correct, range(10))
+  ev = forgetting.Evaluator(forward, x_test, y_test)
+  pre, pre_all = ev.task_scores(pretrained, tasks)
   run.print(f"pre-trained test accuracy (margin on) {pre_all:.2f}%")
   share, head_frozen = forgetting.trainable_share(init, rank=cfg.rank)
   subsets = {r: task_subsets(cfg, y_train, tasks, r, missing)
@@ -463,9 +389,7 @@ def experiment(cfg: Config, run: _runner.Run) -> dict:
   _gs_lora_report.figures(cfg, run, out)
   _gs_lora_report.plot_tasks(cfg, run, out)
   _gs_lora_report.plot_groups(cfg, run, out)
-  for k, v in out["targets"].items():
-    run.print(f"  target {k}: "
-              f"{'n/a' if v is None else 'met' if v else 'MISSED'}")
+  _reports.print_targets(run, out["targets"])
   return out
 
 

@@ -142,6 +142,13 @@ def test_evaluator_scores_known_predictions():
   assert ev.accuracy(ev.correct(w), [1]) == 50.0
   assert ev.accuracy(ev.correct(w), [0, 2]) == 100.0
   assert ev.accuracy(ev.correct(w), [7]) is None
+  from immunojax.data.continual import Task
+  tasks = [Task(retain=(0, 1), forget=(2,), old=(3,)),
+           Task(retain=(0,), forget=(1,), old=(2, 3))]
+  per_task, overall = ev.task_scores(w, tasks)     # correct: 0, 1, 2 / not 1
+  assert per_task == [{"acc_r": pytest.approx(200 / 3), "acc_f": 100.0},
+                      {"acc_r": 100.0, "acc_f": 50.0}]
+  assert overall == 75.0
 
 
 def test_task_step_chains_tasks_scores_them_and_task_results_lists_them():

@@ -227,6 +227,34 @@ def test_subsets_per_regime(regime):
     continual.subset(y, [0], regime="half")
 
 
+def test_task_subsets_draw_each_task_with_its_own_seed():
+  y = np.repeat(np.arange(6), 20)
+  ts = continual.tasks(range(6), first_retained=4, per_task=1, num_tasks=2)
+  got = continual.task_subsets(y, ts, regime="ratio", ratio=0.2, seed=3)
+  for t, (retain, forget) in enumerate(got):
+    kw = dict(regime="ratio", ratio=0.2, seed=3000 + 17 * t)
+    np.testing.assert_array_equal(retain,
+                                  continual.subset(y, ts[t].retain, **kw))
+    np.testing.assert_array_equal(forget,
+                                  continual.subset(y, ts[t].forget, **kw))
+  assert not np.array_equal(got[0][0][:4], got[1][0][:4])   # fresh draws
+
+
+def test_stratified_indices_hold_out_each_classs_share():
+  from immunojax.data import stratified_indices
+  y = np.repeat([0, 1, 2], [10, 7, 5])
+  rng = np.random.default_rng(0)
+  tr, te = stratified_indices(y, (2, 0), test_fraction=0.3, rng=rng)
+  assert np.bincount(y[te], minlength=3).tolist() == [3, 0, 2]   # round(.3 n)
+  assert np.bincount(y[tr], minlength=3).tolist() == [7, 0, 3]
+  assert set(tr).isdisjoint(te) and y[te][0] == 2    # classes in given order
+  again = stratified_indices(y, (2, 0), test_fraction=0.3,
+                             rng=np.random.default_rng(0))
+  np.testing.assert_array_equal(again[0], tr)
+  with pytest.raises(ValueError, match="test_fraction"):
+    stratified_indices(y, (0,), test_fraction=1.0, rng=rng)
+
+
 def test_groups_are_blocks_and_zeroed_rule():
   _, params = tiny_vit()
   adapters = lora.init(params, lora.LoraConfig(r=2, target_modules=FFN),

@@ -92,3 +92,19 @@ def subset(labels: np.ndarray, classes: Sequence[int], *, regime: str,
       k = max(1, int(round(ratio * len(idx))))
     out.append(idx[:k])
   return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+
+def task_subsets(labels: np.ndarray, tasks: Sequence[Task], *, regime: str,
+                 ratio: float = 0.1, shots: int = 4,
+                 missing: Sequence[int] = (), seed: int = 0
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Each task's ``(retain, forget)`` training subsets (:func:`subset` of its
+  retained and its forgotten classes); task ``t`` draws both with seed
+  ``1000 * seed + 17 * t``."""
+  out = []
+  for t, task in enumerate(tasks):
+    kw = dict(regime=regime, ratio=ratio, shots=shots, missing=missing,
+              seed=seed * 1000 + 17 * t)
+    out.append((subset(labels, task.retain, **kw),
+                subset(labels, task.forget, **kw)))
+  return out

@@ -26,6 +26,24 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
   return (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
 
 
+def stratified_indices(labels: np.ndarray, classes: Sequence[int], *,
+                       test_fraction: float, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """``(train, test)`` indices into ``labels``: each class in ``classes`` (in
+  that order) shuffled by ``rng``, its first ``round(test_fraction * n_c)``
+  held out. ``rng`` advances (a caller may go on drawing from it)."""
+  if not 0.0 <= test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+  labels = np.asarray(labels)
+  tr, te = [], []
+  for c in classes:
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    n_test = int(round(test_fraction * len(idx)))
+    te.append(idx[:n_test])
+    tr.append(idx[n_test:])
+  return np.concatenate(tr), np.concatenate(te)
+
+
 def class_split(classes: Sequence[int], *, test_fraction: float = 0.3,
                 seed: int = 0, relabel: bool = True) -> Split:
   """Images of ``classes`` only, stratified train/test split.
@@ -41,13 +59,8 @@ def class_split(classes: Sequence[int], *, test_fraction: float = 0.3,
     raise ValueError(f"classes must be distinct digits 0-9, got {classes}")
   x, y = load_digits()
   rng = np.random.default_rng(seed)
-  tr, te = [], []
-  for c in classes:
-    idx = rng.permutation(np.flatnonzero(y == c))
-    n_test = int(round(test_fraction * len(idx)))
-    te.append(idx[:n_test])
-    tr.append(idx[n_test:])
-  tr, te = rng.permutation(np.concatenate(tr)), rng.permutation(np.concatenate(te))
+  tr, te = stratified_indices(y, classes, test_fraction=test_fraction, rng=rng)
+  tr, te = rng.permutation(tr), rng.permutation(te)
   lut = np.full(10, -1, np.int32)
   lut[list(classes)] = np.arange(len(classes)) if relabel else list(classes)
   return Split(x[tr], lut[y[tr]], x[te], lut[y[te]])

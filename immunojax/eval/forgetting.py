@@ -272,6 +272,16 @@ class Evaluator:
     """Accuracy in % over ``classes`` (None when none is in the test set)."""
     return continual.class_accuracy(correct, self.y, classes)
 
+  def task_scores(self, params, tasks) -> tuple[list[dict], float | None]:
+    """``params``' ``acc_r`` and ``acc_f`` on each task's classes, and its
+    accuracy over every class of the schedule (e.g. a pre-trained model's
+    references)."""
+    correct = self.correct(params)
+    every = tasks[0].retain + tasks[0].forget + tasks[0].old
+    return ([{"acc_r": self.accuracy(correct, t.retain),
+              "acc_f": self.accuracy(correct, t.forget)} for t in tasks],
+            self.accuracy(correct, every))
+
 
 def trainable_share(init, *, rank: int) -> tuple[dict, object]:
   """The share (%) of ``init``'s parameters each family trains (``lora``:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from immunojax import attacks
+from immunojax import attacks, lora, losses, models
 from immunojax.eval.curves import best_curve, selected_curve, \
     steps_to_threshold
 
@@ -54,6 +55,40 @@ def validation_halves(labels: np.ndarray, seed: int
     val.append(idx[: len(idx) // 2])
     test.append(idx[len(idx) // 2:])
   return np.concatenate(val), np.concatenate(test)
+
+
+def class_recovery_target(logits: Callable, *, eval_data, classes: Sequence[int],
+                          train_data, seed: int, head: Sequence[str] = (),
+                          lora_config: lora.LoraConfig = lora.LoraConfig()
+                          ) -> attacks.Target:
+  """The probe's target for a classifier: cross-entropy on ``train_data``
+  (a few images of every class), accuracy on the held-out examples of
+  ``classes`` as ``[validation, test]`` (:func:`validation_halves` with
+  ``seed``: the attacker and checkpoint are chosen on one, read on the
+  other).
+
+  Args:
+    logits: ``logits(params, x, y) -> (n, classes)`` (``y`` for a model
+      whose logits read the label, e.g. a CosFace margin).
+    eval_data: ``(x, y)`` held-out examples (labels as numpy).
+    classes: the removed classes the metric reads.
+    head, lora_config: the harness's head regexes and LoRA adapters.
+  """
+  x_ev, y_ev = eval_data
+  y_ev = np.asarray(y_ev)
+  rows = np.flatnonzero(np.isin(y_ev, list(classes)))
+  if not len(rows):
+    raise ValueError(f"no held-out example of classes {list(classes)}")
+  val, test = (rows[h] for h in validation_halves(y_ev[rows], seed))
+
+  def accuracy(p, idx):
+    x, y = x_ev[idx], jnp.asarray(y_ev[idx])
+    return models.accuracy(logits(p, x, y), y)
+
+  return attacks.Target(
+      loss_fn=lambda p, b: losses.cross_entropy(logits(p, b[0], b[1]), b[1]),
+      metric_fn=lambda p: jnp.stack([accuracy(p, val), accuracy(p, test)]),
+      train_data=train_data, head=tuple(head), lora_config=lora_config)
 
 
 def relearning_probe(starts: Mapping[str, PyTree], target: attacks.Target, *,
