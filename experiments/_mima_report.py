@@ -37,6 +37,33 @@ def summarize(cfg, curves, retention, imm_wall, attack_wall, *,
           "attack_wall_seconds": attack_wall, "scheme": cfg.scheme}
 
 
+def log_erased(run, before: dict, moved: dict) -> None:
+  """The log's lines on the erased model: concept accuracy of samples
+  before and after erasure, and how far each attacker moves it."""
+  run.print(f"  concept accuracy of samples: pretrained "
+            f"{before['pretrained'][:, 0].round(2).tolist()}, erased "
+            f"{before['erased'][:, 0].round(2).tolist()}")
+  run.print(f"  displacement of the erased model: simulated attacker "
+            f"{np.mean(moved['simulated']):.4g}, evaluated attack "
+            f"{np.mean(moved['evaluated']):.4g} ({moved['ratio']:.3g}x)")
+
+
+def combine(runs: list[dict], seeds: list[int]) -> dict:
+  """The summary of several seeds' runs: the first seed's in full (as a
+  one-seed run), the others' methods, matched weights, displacement ratios
+  and accuracies before attack (``per_seed``), and every attack's mean and
+  sd over seeds (:func:`aggregate`)."""
+  out = dict(runs[0])
+  out.update({
+      "seeds": seeds, "per_seed": runs[1:] and [
+          {k: r[k] for k in ("methods", "retention_matched",
+                             "displacement_ratio",
+                             "concept_accuracy_before_attack")}
+          for r in runs[1:]],
+      "attacks": aggregate(runs)})
+  return out
+
+
 def aggregate(runs: list[dict]) -> dict:
   """``attacks.<attack>.<method>.{worst_concept, selectivity}``: mean and
   sd over seeds at every checkpoint (sd 0 with one seed)."""

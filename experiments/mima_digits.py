@@ -13,21 +13,19 @@ parameter mean). Every model is then attacked through the harness with the
 same seeds and budgets (full fine-tuning, LoRA, key/value-only, textual
 inversion), per concept and for all concepts jointly, and by the attack
 phi* is for (each concept's K/V adapted alone, the copies merged by phi*:
-``phi_merge``). A frozen digit
-classifier scores samples of the attacked concepts (the paper's CLIP/DINO
-and ImageNet-classifier stand-ins, spec §4.6).
+``phi_merge``). A frozen digit classifier scores samples of the attacked
+concepts (the paper's CLIP/DINO and ImageNet-classifier stand-ins, spec
+§4.6).
 
   python -m experiments.mima_digits
 
-Library choices, not the papers' (also in every report.md): ``S^u`` is every
-cross-attention parameter (``attn2.*``, MIMA's ``xattn``) for all methods, so
-they differ only in the lower level; ``S^l`` is the whole denoiser
-(``unet``); the paper's unrolled scheme is the default (``--scheme
-alternating`` runs the released one); the regularisation keys are 200 filler
-captions drawn once (the code redraws LAION captions every step); the prior
-batch is real non-target digits with their own prompts; attacks train on the
-concept's images only (no prior preservation), each image with ``copies``
-fixed noise draws.
+Library choices, not the papers' (the first three in every report.md):
+``S^u`` is every cross-attention parameter and ``S^l`` the whole denoiser
+for all methods; the prior batch is real non-target digits; attacks use no
+prior preservation, each image with ``copies`` fixed noise draws; the
+regularisation keys are 200 filler captions drawn once (the code redraws
+LAION captions every step); ``--scheme alternating`` runs the released
+scheme, the paper's unrolled one is the default.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ import optax
 from flax import nnx
 
 from experiments import _cli, _config, _mima_report, _pretrain, _runner
-from immunojax import data, models, modes
+from immunojax import models, modes
 from immunojax.immunizer import supervised
 from immunojax.eval import concepts, text_to_image as t2i
 from immunojax.methods import imma
@@ -124,20 +122,18 @@ class Config:
 
   def __post_init__(self):
     _config.require(self, positive=(
-        "patch", "dim", "context_dim", "depth", "heads", "timesteps", "pretrain_steps",
-        "pretrain_lr", "pretrain_batch", "classifier_steps", "sample_steps",
-        "guidance", "samples", "immunize_steps", "inner_steps", "outer_lr",
-        "batch", "num_seeds",
-        "attack_steps", "eval_every", "attack_batch", "lr_full", "lr_lora",
-        "lr_kv", "lr_ti", "lora_rank", "copies"))
+        "patch", "dim", "context_dim", "depth", "heads", "timesteps",
+        "pretrain_steps", "pretrain_lr", "pretrain_batch", "classifier_steps",
+        "sample_steps", "guidance", "samples", "immunize_steps", "inner_steps",
+        "outer_lr", "batch", "num_seeds", "attack_steps", "eval_every",
+        "attack_batch", "lr_full", "lr_lora", "lr_kv", "lr_ti", "lora_rank",
+        "copies", "retention_floor", "uce_lambda"), nonnegative=(
+        "inner_lr", "prior_weight", "merge_ridge", "ascent_bound",
+        "collateral_digits", "prior_weights"),
+        unit=("prior_null", "retention_floor"), divisible=(
+            ("dim", "heads"), ("attack_steps", "eval_every")))
     if not 0 <= self.cfg_dropout < 1:
       raise ValueError(f"--cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
-    if not self.uce_lambda > 0:
-      raise ValueError(f"--uce-lambda must be > 0, got {self.uce_lambda}")
-    for name in ("inner_lr", "prior_weight", "merge_ridge", "ascent_bound",
-                 "collateral_digits"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if len(set(self.concepts)) != len(self.concepts) or not (
         2 <= len(self.concepts) <= 9) or not all(0 <= c <= 9
                                                  for c in self.concepts):
@@ -156,17 +152,8 @@ class Config:
                                     for m in self.attack_modes):
       raise ValueError(f"--attack-modes must be among {list(ATTACK_MODES)}, "
                        f"got {list(self.attack_modes)}")
-    if self.attack_steps % self.eval_every:
-      raise ValueError(f"--eval-every {self.eval_every} must divide "
-                       f"--attack-steps {self.attack_steps}")
-    if not 0 <= self.prior_null <= 1:
-      raise ValueError(f"--prior-null must be in [0, 1], got {self.prior_null}")
-    if not 0 < self.retention_floor <= 1:
-      raise ValueError(f"--retention-floor must be in (0, 1], got "
-                       f"{self.retention_floor}")
-    if any(not w >= 0 for w in self.prior_weights) or len(
-        set(self.prior_weights)) != len(self.prior_weights):
-      raise ValueError(f"--prior-weights must be distinct and >= 0, got "
+    if len(set(self.prior_weights)) != len(self.prior_weights):
+      raise ValueError(f"--prior-weights must be distinct, got "
                        f"{list(self.prior_weights)}")
     if self.collateral_digits > 10 - len(self.concepts):
       raise ValueError(f"--collateral-digits {self.collateral_digits} exceeds "
@@ -177,16 +164,12 @@ class Config:
                        "the number of concepts")
     if self.sample_steps > self.timesteps:
       raise ValueError("--sample-steps cannot exceed --timesteps")
-    if self.dim % self.heads:
-      raise ValueError(f"--dim {self.dim} is not divisible by --heads "
-                       f"{self.heads}")
 
 
 QUICK = {"dim": 32, "depth": 1, "pretrain_steps": 300, "classifier_steps": 300,
          "sample_steps": 5, "samples": 16, "immunize_steps": 5,
          "attack_steps": 10, "eval_every": 5,
-         "attack_modes": ("lora", "phi_merge"),
-         "copies": 1}
+         "attack_modes": ("lora", "phi_merge"), "copies": 1}
 
 
 # ------------------------------------------------------------ the setting
@@ -202,21 +185,12 @@ def world(cfg: Config) -> t2i.DigitTextToImage:
 # -------------------------------------------------------------- pretrain
 def pretrain(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
              prefix: str = ""):
-  x = jnp.asarray(2.0 * st.split.x_train - 1.0)
-  tokens = jnp.asarray(np.stack([st.prompt(k) for k in st.split.y_train]))
   key = jax.random.PRNGKey(cfg.seed + 1)
-
-  def sample(d, t):
-    k = jax.random.fold_in(key, t)
-    b = data.minibatch(key, d, cfg.pretrain_batch, t)
-    drop = jax.random.bernoulli(jax.random.fold_in(k, 1), cfg.cfg_dropout,
-                                (cfg.pretrain_batch, 1))
-    toks = jnp.where(drop, st.null[None], b[1])
-    return st.draw(jax.random.fold_in(k, 2), b[0], toks)
-
+  arrays, sample = st.pretraining(key, batch=cfg.pretrain_batch,
+                                  cfg_dropout=cfg.cfg_dropout)
   trainer = supervised(st.loss, optax.adam(cfg.pretrain_lr))
   state = run.fit(prefix + "pretrain", trainer, trainer.init(st.init, key),
-                  sample, (x, tokens), cfg.pretrain_steps, key=key,
+                  sample, arrays, cfg.pretrain_steps, key=key,
                   desc="pre-training the denoiser")
   return trainer.params(state)
 
@@ -264,21 +238,15 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(cfg.outer_lr, weight_decay=1e-2))
   extra = {} if cfg.scheme == "alternating" else {
-      "inner_optimizer": inner_optimizer(cfg), "upper_at": cfg.upper_at}
-  common = dict(upper=UPPER, lower=modes.masked(LOWER),
-                inner_lr=cfg.inner_lr, optimizer=opt, scheme=cfg.scheme,
-                prior_weight=cfg.prior_weight, concept_map=run.grid_map(),
-                ascent_bound=bound, **extra)
+      "inner_optimizer": imma.inner_optimizer(cfg.inner_optimizer),
+      "upper_at": cfg.upper_at}
+  imms = concepts.immunizers(
+      st.loss, merge=phi_star(cfg, st), upper=UPPER, optimizer=opt,
+      prior_weight=cfg.prior_weight, ascent_bound=bound,
+      lower=modes.masked(LOWER), inner_lr=cfg.inner_lr, scheme=cfg.scheme,
+      concept_map=run.grid_map(), **extra)
   d = st.concept_data(cfg.concepts, cfg.concepts)
   key = jax.random.PRNGKey(cfg.seed + 5)
-  imms = {
-      "max": imma.max_ascent(st.loss, upper=UPPER, optimizer=opt,
-                             prior_weight=cfg.prior_weight,
-                             ascent_bound=bound),
-      "imma": imma.imma(st.loss, **common),   # sequential and joint
-      "mima": imma.mima(st.loss, merge=phi_star(cfg, st), **common),
-      "mima_average_merge": imma.mima(st.loss, merge=imma.average_merge(),
-                                      **common)}
   sample = make_sampler(st, cfg, key)
 
   def fit(name, which, start, rows, desc, steps):
@@ -295,16 +263,6 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
                         else cfg.immunize_steps // len(cfg.concepts)))
 
 
-def inner_optimizer(cfg: Config):
-  """The unrolled lower level's optimizer (None: the library's SGD). Adam
-  with ``eps_root``: its derivative stays finite where a gradient is 0."""
-  if cfg.inner_optimizer == "sgd":
-    return None
-  if cfg.inner_optimizer == "adam":
-    return lambda lr: optax.adam(lr, eps_root=1e-16)
-  return cfg.inner_optimizer
-
-
 def attacker_displacement(cfg: Config, st: t2i.DigitTextToImage,
                           params) -> dict:
   """How far the simulated attacker (the lower level: --inner-steps of
@@ -314,8 +272,8 @@ def attacker_displacement(cfg: Config, st: t2i.DigitTextToImage,
   concept images with the attack's batch size."""
   sim, ev = t2i.attacker_displacement(
       st, params, cfg.concepts,
-      lower_optimizer=make_optimizer(inner_optimizer(cfg) or "sgd",
-                                     cfg.inner_lr),
+      lower_optimizer=make_optimizer(
+          imma.inner_optimizer(cfg.inner_optimizer) or "sgd", cfg.inner_lr),
       lower=LOWER, inner_steps=cfg.inner_steps,
       attack_optimizer=optax.adam(cfg.lr_full), attack_steps=cfg.eval_every,
       batch_size=cfg.attack_batch, seed=cfg.seed)
@@ -328,12 +286,6 @@ def attacker_displacement(cfg: Config, st: t2i.DigitTextToImage,
 
 
 # ---------------------------------------------------------------- attack
-def collateral(cfg: Config) -> list[int]:
-  """The non-target digits sampled after every attack (selectivity)."""
-  return [k for k in range(10)
-          if k not in cfg.concepts][:cfg.collateral_digits]
-
-
 def attack_all(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
                metric, starts):
   """Every attack mode on every start (:func:`immunojax.eval.text_to_image.
@@ -345,10 +297,11 @@ def attack_all(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
              "ti": cfg.lr_ti},
       steps=cfg.attack_steps, eval_every=cfg.eval_every,
       batch_size=cfg.attack_batch, lora_rank=cfg.lora_rank,
-      copies=cfg.copies, samples=cfg.samples, collateral=collateral(cfg),
-      merge=phi_star(cfg, st).apply, seed=cfg.seed,
-      attack_map=run.grid_map(),
-      log=run.print)
+      copies=cfg.copies, samples=cfg.samples, merge=phi_star(cfg, st).apply,
+      # the non-target digits sampled after every attack (selectivity)
+      collateral=[k for k in range(10)
+                  if k not in cfg.concepts][:cfg.collateral_digits],
+      seed=cfg.seed, attack_map=run.grid_map(), log=run.print)
 
 
 # ------------------------------------------------------------ experiment
@@ -383,11 +336,10 @@ def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
   metric = st.judge_metric(classify, features)
   metric_jit = jax.jit(metric)
   others = [k for k in range(10) if k not in cfg.concepts]
-  targets_ev = st.judge_data(cfg.concepts, [st.prompt(k) for k in
-                                            cfg.concepts],
-                             samples=cfg.samples, seed=cfg.seed + 30)
-  retain_ev = {draw: st.judge_data(others, [st.prompt(k) for k in others],
-                                   samples=cfg.samples, seed=cfg.seed + off)
+  targets_ev = st.judge_data(cfg.concepts, samples=cfg.samples,
+                             seed=cfg.seed + 30)
+  retain_ev = {draw: st.judge_data(others, samples=cfg.samples,
+                                   seed=cfg.seed + off)
                for draw, off in (("report", 41), ("select", 43))}
 
   def retention_of(params, draw="report"):
@@ -396,13 +348,8 @@ def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
 
   before = {"pretrained": np.asarray(metric_jit(pretrained, targets_ev)),
             "erased": np.asarray(metric_jit(erased, targets_ev))}
-  run.print(f"  concept accuracy of samples: pretrained "
-            f"{before['pretrained'][:, 0].round(2).tolist()}, erased "
-            f"{before['erased'][:, 0].round(2).tolist()}")
   moved = attacker_displacement(cfg, st, erased)
-  run.print(f"  displacement of the erased model: simulated attacker "
-            f"{np.mean(moved['simulated']):.4g}, evaluated attack "
-            f"{np.mean(moved['evaluated']):.4g} ({moved['ratio']:.3g}x)")
+  _mima_report.log_erased(run, before, moved)
   clean = st.clean_concept_loss(erased, cfg.concepts, seed=cfg.seed + 70)
   bound = cfg.ascent_bound * clean if cfg.ascent_bound else None
   immunized, imm_wall, matched = immunize_matched(
@@ -433,28 +380,11 @@ def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
 
 def experiment(cfg: Config, run: _runner.Run) -> dict:
   seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-  runs = []
-  for i, s in enumerate(seeds):
-    if len(seeds) > 1:
-      run.print(f"seed {s} ({i + 1}/{len(seeds)})")
-    runs.append(one_seed(dataclasses.replace(cfg, seed=s), run,
-                         "" if i == 0 else f"seed_{s}/"))
-    if i < len(seeds) - 1:
-      # Each seed's models are new closures, so their programs compile
-      # anew; dropping the last seed's executables keeps a long run under
-      # the kernel's map-count limit (a 3-seed run once died in LLVM with
-      # "Cannot allocate memory" at 65,530 maps).
-      jax.clear_caches()
-  out = dict(runs[0])         # the first seed in full, as a one-seed run
-  out.update({
-      "seeds": seeds, "per_seed": runs[1:] and [
-          {k: r[k] for k in ("methods", "retention_matched",
-                             "displacement_ratio",
-                             "concept_accuracy_before_attack")}
-          for r in runs[1:]],
-      "attacks": _mima_report.aggregate(runs),
-      "paper": {"imma_table1_sgr": PAPER_IMMA_SGR,
-                "mima_tables": "not available (spec §3.3)"}})
+  runs = run.over_seeds(seeds, lambda s, prefix: one_seed(
+      dataclasses.replace(cfg, seed=s), run, prefix))
+  out = _mima_report.combine(runs, seeds)
+  out["paper"] = {"imma_table1_sgr": PAPER_IMMA_SGR,
+                  "mima_tables": "not available (spec §3.3)"}
   out["targets"] = _mima_report.targets(cfg, out)
   out["claims"] = _mima_report.claims(out)
   out["notes"] = _mima_report.notes(cfg, out)

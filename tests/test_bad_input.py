@@ -201,6 +201,7 @@ def test_library_refuses_or_reports_degenerate_values(case):
     ("mima_digits", ["--prior-weights", "1,1"], "--prior-weights"),
     ("mima_digits", ["--collateral-digits", "8"], "--collateral-digits"),
     ("mima_digits", ["--uce-lambda", "0"], "--uce-lambda"),
+    ("gs_lora_digits", ["--ratio", "1.5"], "--ratio"),
 ])
 def test_options_are_validated_before_anything_is_written(tmp_path, module,
                                                            args, needle):

@@ -169,6 +169,32 @@ def test_relearning_probe_chooses_on_validation_and_reads_test():
                                 steps=10, batch_size=6, threshold=0.5)
 
 
+def test_class_recovery_target_reads_the_removed_classes_halves():
+  """A linear 'classifier' whose logits are the inputs: the metric is the
+  accuracy on the validation and test halves of the removed classes' rows,
+  computed by hand; the loss is the cross-entropy of the training rows."""
+  y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
+  x = jnp.asarray(np.eye(4)[[0, 1, 0, 0, 1, 2, 0, 1, 1, 3]], jnp.float32)
+  logits = lambda p, xx, yy: xx @ p
+  train = (x[:3], jnp.asarray(y[:3]))
+  t = relearning.class_recovery_target(logits, eval_data=(x, y),
+                                       classes=(1, 2), train_data=train,
+                                       seed=4, head=("head",))
+  rows = np.flatnonzero(np.isin(y, [1, 2]))
+  val, test = (rows[h] for h in relearning.validation_halves(y[rows], 4))
+  w = jnp.eye(4)
+  right = np.asarray(jnp.argmax(x @ w, -1)) == y
+  np.testing.assert_allclose(t.metric_fn(w), [right[val].mean(),
+                                              right[test].mean()])
+  assert len(val) + len(test) == 6 and not set(val) & set(test)
+  np.testing.assert_allclose(t.loss_fn(w, train), np.mean(
+      -jax.nn.log_softmax(x[:3] @ w)[np.arange(3), y[:3]]), rtol=1e-6)
+  assert t.head == ("head",) and t.train_data is train
+  with pytest.raises(ValueError, match="no held-out example"):
+    relearning.class_recovery_target(logits, eval_data=(x, y), classes=(7,),
+                                     train_data=train, seed=0)
+
+
 # -------------------------------------------------------------- references
 def test_against_references_and_per_attack_deltas():
   per = {"scratch": [0.1, 0.5, 0.7], "protected": [0.1, 0.4, 0.8],
@@ -488,6 +514,38 @@ def test_immunize_methods_chains_sequential_imma_and_pools_joint():
     assert e[2] == [] and e[3] == [[1.0, 0.0], [0.0, 1.0]]
   assert list(out) == ["none", "max", "imma_sequential", "imma_joint",
                        "mima", "mima_average_merge"]
+
+
+def test_immunizers_are_the_methods_built_directly():
+  """Each immunizer of the comparison takes the same first step as the
+  method built by hand with the same options; the merge is MIMA's only
+  difference from its average-merge ablation."""
+  from immunojax.methods import imma
+  from tests.test_imma import UPPER, first_update, merge_problem, toy, \
+      toy_batch
+  params, loss = toy()
+  _, _, keys, reg = merge_problem(0, n=2, t=1, d=4, m=12)
+  merged = imma.concept_merge(keys=keys, reg_keys=reg,
+                              merged=(r"attn2/to_k/kernel",))
+  opt = optax.sgd(0.1)
+  upper = dict(upper=UPPER, optimizer=opt, prior_weight=0.5, ascent_bound=2.0)
+  lower = dict(lower=modes.full(), inner_lr=0.05, upper_at="every_step",
+               inner_optimizer=imma.inner_optimizer("adam"))
+  ours = concepts.immunizers(loss, merge=merged, **upper, **lower)
+  direct = {"max": imma.max_ascent(loss, **upper),
+            "imma": imma.imma(loss, **upper, **lower),
+            "mima": imma.mima(loss, merge=merged, **upper, **lower),
+            "mima_average_merge": imma.mima(loss, merge=imma.average_merge(),
+                                            **upper, **lower)}
+  assert set(ours) == set(direct)
+  got = {}
+  for name, imm in direct.items():
+    batch = toy_batch(1, 1 if name == "imma" else 2, k=2)
+    got[name], _ = first_update(ours[name], params, batch)
+    want, _ = first_update(imm, params, batch)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got[name], want)
+  assert not np.allclose(got["mima"]["attn2"]["to_k"]["kernel"],
+                         got["mima_average_merge"]["attn2"]["to_k"]["kernel"])
 
 
 def test_concept_sampler_slots_pools_and_null_rows():

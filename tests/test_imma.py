@@ -393,3 +393,17 @@ def test_prompts_and_placeholder_rows():
   np.testing.assert_allclose(rows[2], 1.0 + enc.positions[2])
   with pytest.raises(ValueError, match="unknown token"):
     vocab.ids(["<d11>"])
+
+
+def test_inner_optimizer_by_name_keeps_adams_derivative_finite():
+  assert imma.inner_optimizer("sgd") is None            # the paper's SGD
+  assert imma.inner_optimizer("rmsprop") == "rmsprop"   # any other name
+  p = {"w": jnp.array([1.0, -2.0])}
+  g = jnp.array([0.5, 0.0])                             # one gradient is 0
+  ours, plain = imma.inner_optimizer("adam")(0.1), optax.adam(0.1)
+
+  def update(opt):
+    return lambda v: opt.update({"w": v}, opt.init(p), p)[0]["w"]
+  np.testing.assert_allclose(update(ours)(g), update(plain)(g), rtol=1e-6)
+  assert np.all(np.isfinite(jax.jacrev(update(ours))(g)))
+  assert not np.all(np.isfinite(jax.jacrev(update(plain))(g)))

@@ -101,6 +101,31 @@ def test_merge_keys_shapes(world):
   assert reg.shape == ((5 + 7) * tokens, world.context_dim)
 
 
+def test_pretraining_rows_drop_prompts_to_null_at_the_cfg_rate(world):
+  (x, tokens), sample = world.pretraining(jax.random.PRNGKey(0), batch=400,
+                                          cfg_dropout=0.25)
+  assert x.shape == (len(world.split.y_train), 64)
+  assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+  np.testing.assert_array_equal(tokens[5], world.prompt(world.split.y_train[5]))
+  b = sample((x, tokens), 3)
+  null = np.all(np.asarray(b["tokens"]) == np.asarray(world.null), axis=1)
+  assert 0.15 < null.mean() < 0.35                     # ~ cfg_dropout
+  kept = np.asarray(b["tokens"])[~null]                # the rest: a digit's
+  digits = {tuple(world.prompt(k)) for k in range(10)}
+  assert all(tuple(r) in digits for r in kept)
+  assert set(b) == {"x", "tokens", "t", "eps"}
+  again = sample((x, tokens), 3)                       # a function of t
+  np.testing.assert_array_equal(again["eps"], b["eps"])
+  assert not np.array_equal(sample((x, tokens), 4)["eps"], b["eps"])
+
+
+def test_judge_data_defaults_to_each_digits_own_prompt(world):
+  own = world.judge_data([2, 5], samples=3, seed=1)
+  given = world.judge_data([2, 5], [world.prompt(2), world.prompt(5)],
+                           samples=3, seed=1)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, own, given)
+
+
 def test_displacement_of_an_attacker_that_trains_nothing_is_zero(world):
   # the placeholder rows appear in no concept prompt: their gradient is 0
   sim, ev = t2i.attacker_displacement(

@@ -12,6 +12,8 @@ scores it is read by, and the utility-matched choice of its prior weight.
 * :func:`matched_weight`: the smallest weight whose utility reaches a
   floor (methods compared at equal utility); :func:`match_utility` trains
   every method over a grid of weights and keeps each at its own.
+* :func:`immunizers` and :func:`immunize_methods`: the comparison's
+  immunizers on one loss, and the order they are trained in.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from immunojax.eval.curves import gap_ratio, mean_std
+from immunojax.methods import imma
 
 
 def concept_sampler(draw: Callable, key: jax.Array, *, batch: int,
@@ -213,6 +216,25 @@ def match_utility(train_at: Callable[[float], tuple[dict, dict]],
                  "swept": None if len(weights) == 1 else {
                      f"{v:g}": tried[v][2][m] for v in weights}}
   return out, walls, record
+
+
+def immunizers(loss_fn: Callable, *, merge: imma.Merge, upper,
+               optimizer, prior_weight: float = 1.0,
+               ascent_bound: float | None = None, **lower_options) -> dict:
+  """The comparison's immunizers of ``loss_fn``: ``max`` (direct ascent on
+  ``upper``), ``imma`` (sequential and joint IMMA), ``mima`` (merged by
+  ``merge``, e.g. phi*) and ``mima_average_merge``; ``lower_options``
+  (``lower``, ``inner_lr``, ``scheme``, ...) go to every bilevel one
+  (:func:`immunojax.methods.imma.mima`)."""
+  common = dict(upper=upper, optimizer=optimizer, prior_weight=prior_weight,
+                ascent_bound=ascent_bound, **lower_options)
+  return {"max": imma.max_ascent(loss_fn, upper=upper, optimizer=optimizer,
+                                 prior_weight=prior_weight,
+                                 ascent_bound=ascent_bound),
+          "imma": imma.imma(loss_fn, **common),
+          "mima": imma.mima(loss_fn, merge=merge, **common),
+          "mima_average_merge": imma.mima(loss_fn, merge=imma.average_merge(),
+                                          **common)}
 
 
 def immunize_methods(fit: Callable, start, *, concepts: Sequence,

@@ -119,6 +119,25 @@ class DigitTextToImage:
                                     jnp.int32),
             "eps": jax.random.normal(ke, x.shape, x.dtype)}
 
+  def pretraining(self, key, *, batch: int, cfg_dropout: float):
+    """``(arrays, sample)``: every training image (in [-1, 1]) with its
+    digit's prompt, and ``sample(arrays, t)``, step ``t``'s noised
+    minibatch of ``batch`` rows, each prompt replaced by the null prompt
+    with probability ``cfg_dropout`` (classifier-free guidance's
+    training)."""
+    x = jnp.asarray(2.0 * self.split.x_train - 1.0)
+    tokens = jnp.asarray(np.stack([self.prompt(k)
+                                   for k in self.split.y_train]))
+
+    def sample(d, t):
+      k = jax.random.fold_in(key, t)
+      b = data.minibatch(key, d, batch, t)
+      drop = jax.random.bernoulli(jax.random.fold_in(k, 1), cfg_dropout,
+                                  (batch, 1))
+      toks = jnp.where(drop, self.null[None], b[1])
+      return self.draw(jax.random.fold_in(k, 2), b[0], toks)
+    return (x, tokens), sample
+
   def prompt(self, digit):
     """The prompt ``a <dk> digit`` of one digit."""
     return prompts.concept_prompt(self.vocab, int(digit))
@@ -203,10 +222,13 @@ class DigitTextToImage:
     return [jax.tree_util.tree_map(lambda a: a[:n], r) for r in rows], \
         prompt_rows
 
-  def judge_data(self, digits: Sequence[int], prompt_rows, *, samples: int,
-                 seed: int):
+  def judge_data(self, digits: Sequence[int], prompt_rows=None, *,
+                 samples: int, seed: int):
     """The judge metric's fixed draws for ``digits`` sampled from
-    ``prompt_rows`` (:func:`immunojax.eval.generative.judge_data`)."""
+    ``prompt_rows`` (default: each digit's own prompt)
+    (:func:`immunojax.eval.generative.judge_data`)."""
+    if prompt_rows is None:
+      prompt_rows = [self.prompt(k) for k in digits]
     return generative.judge_data(
         prompt_rows, digits, [self.images(k, train=False) for k in digits],
         samples=samples, num_timesteps=self.timesteps, seed=seed)

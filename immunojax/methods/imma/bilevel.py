@@ -232,6 +232,18 @@ def imma(loss_fn: Callable[[PyTree, Any], jax.Array], **options
   return mima(loss_fn, merge=single(), **options)
 
 
+def inner_optimizer(name: str):
+  """The unrolled lower level's optimizer by name, for ``inner_optimizer``:
+  None (plain SGD, the paper) for ``"sgd"``; for ``"adam"`` Adam with
+  ``eps_root`` 1e-16, whose derivative stays finite where a gradient is
+  exactly 0 (second order); any other name as it is."""
+  if name == "sgd":
+    return None
+  if name == "adam":
+    return lambda lr: optax.adam(lr, eps_root=1e-16)
+  return name
+
+
 def _unrolled(loss_fn, merge, upper, lower, inner, optimizer, first_order,
               prior_weight, ascent_bound, prior_at, upper_at, remat,
               axis_name, concept_map):
