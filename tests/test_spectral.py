@@ -1,7 +1,5 @@
 """Spectral core against numpy/scipy and autodiff oracles (float64)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
