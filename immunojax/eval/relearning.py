@@ -57,8 +57,9 @@ def validation_halves(labels: np.ndarray, seed: int
   return np.concatenate(val), np.concatenate(test)
 
 
-def class_recovery_target(logits: Callable, *, eval_data, classes: Sequence[int],
-                          train_data, seed: int, head: Sequence[str] = (),
+def class_recovery_target(logits: Callable, *, eval_data,
+                          classes: Sequence[int], train_data, seed: int,
+                          head: Sequence[str] = ("head",),
                           lora_config: lora.LoraConfig = lora.LoraConfig()
                           ) -> attacks.Target:
   """The probe's target for a classifier: cross-entropy on ``train_data``
