@@ -44,7 +44,7 @@ from immunojax import models, modes
 from immunojax.immunizer import supervised
 from immunojax.eval import concepts, text_to_image as t2i
 from immunojax.methods import imma
-from immunojax.optimizers import OPTIMIZERS, make_optimizer
+from immunojax.optimizers import OPTIMIZERS
 
 METHODS = ("none", "max", "imma_sequential", "imma_joint", "mima",
            "mima_average_merge")
@@ -272,8 +272,8 @@ def attacker_displacement(cfg: Config, st: t2i.DigitTextToImage,
   concept images with the attack's batch size."""
   sim, ev = t2i.attacker_displacement(
       st, params, cfg.concepts,
-      lower_optimizer=make_optimizer(
-          imma.inner_optimizer(cfg.inner_optimizer) or "sgd", cfg.inner_lr),
+      lower_optimizer=imma.lower_optimizer(
+          imma.inner_optimizer(cfg.inner_optimizer), cfg.inner_lr),
       lower=LOWER, inner_steps=cfg.inner_steps,
       attack_optimizer=optax.adam(cfg.lr_full), attack_steps=cfg.eval_every,
       batch_size=cfg.attack_batch, seed=cfg.seed)

@@ -17,8 +17,8 @@ probes a linear head; this one simulates diffusion fine-tuning.
 """
 
 from immunojax.methods.imma.bilevel import (SCHEMES, AlternatingState, imma,
-                                            inner_optimizer, max_ascent, mima,
-                                            released)
+                                            inner_optimizer, lower_optimizer,
+                                            max_ascent, mima, released)
 from immunojax.methods.imma.erase import erase_concepts, uce_kernel
 from immunojax.methods.imma.merge import (KV_KERNELS, Merge, average_merge,
                                           check_keys, concept_merge,
@@ -26,5 +26,5 @@ from immunojax.methods.imma.merge import (KV_KERNELS, Merge, average_merge,
 
 __all__ = ["AlternatingState", "KV_KERNELS", "Merge", "SCHEMES",
            "average_merge", "check_keys", "concept_merge", "erase_concepts",
-           "imma", "inner_optimizer", "max_ascent", "mima", "phi_star",
-           "released", "single", "uce_kernel"]
+           "imma", "inner_optimizer", "lower_optimizer", "max_ascent", "mima",
+           "phi_star", "released", "single", "uce_kernel"]

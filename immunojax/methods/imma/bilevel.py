@@ -158,8 +158,8 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
       the ``K`` unrolled steps, any value
       :func:`immunojax.optimizers.make_optimizer` takes, at ``inner_lr``
       (default plain SGD, the paper; ``"adam"`` simulates an Adam attacker --
-      for second order prefer ``lambda lr: optax.adam(lr, eps_root=1e-16)``,
-      whose derivative stays finite where a gradient is exactly 0).
+      for second order prefer :func:`inner_optimizer` ``("adam")``, whose
+      derivative stays finite where a gradient is exactly 0).
       ``"alternating"``: the persistent optax optimizer of the unmerged
       ``S^l`` leaves (default AdamW(inner_lr, wd 1e-2), as released).
     scheme: ``"unrolled"`` (the paper) or ``"alternating"`` (the code).
@@ -196,8 +196,7 @@ def mima(loss_fn: Callable[[PyTree, Any], jax.Array], *, merge: Merge,
   if not inner_lr >= 0:
     raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
   if scheme == "unrolled":
-    inner = (optax.sgd(inner_lr) if inner_optimizer is None
-             else make_optimizer(inner_optimizer, inner_lr))
+    inner = lower_optimizer(inner_optimizer, inner_lr)
     return _unrolled(loss_fn, merge, upper, lower, inner, optimizer,
                      first_order, prior_weight, ascent_bound, prior_at,
                      upper_at, remat, axis_name, concept_map)
@@ -242,6 +241,15 @@ def inner_optimizer(name: str):
   if name == "adam":
     return lambda lr: optax.adam(lr, eps_root=1e-16)
   return name
+
+
+def lower_optimizer(inner_optimizer, inner_lr) -> optax.GradientTransformation:
+  """The unrolled lower level's transformation at ``inner_lr``: plain SGD
+  (the paper) when ``inner_optimizer`` is None, else
+  :func:`immunojax.optimizers.make_optimizer` of it -- the simulated
+  attacker :func:`mima` unrolls, for whoever measures it."""
+  return (optax.sgd(inner_lr) if inner_optimizer is None
+          else make_optimizer(inner_optimizer, inner_lr))
 
 
 def _unrolled(loss_fn, merge, upper, lower, inner, optimizer, first_order,
