@@ -171,8 +171,9 @@ def test_relearning_probe_chooses_on_validation_and_reads_test():
 
 def test_class_recovery_target_reads_the_removed_classes_halves():
   """A linear 'classifier' whose logits are the inputs: the metric is the
-  accuracy on the validation and test halves of the removed classes' rows,
-  computed by hand; the loss is the cross-entropy of the training rows."""
+  accuracy on the validation and test halves of the removed classes' rows
+  (passed as the target's eval_data), computed by hand; the loss is the
+  cross-entropy of the training rows."""
   y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
   x = jnp.asarray(np.eye(4)[[0, 1, 0, 0, 1, 2, 0, 1, 1, 3]], jnp.float32)
   logits = lambda p, xx, yy: xx @ p
@@ -184,8 +185,11 @@ def test_class_recovery_target_reads_the_removed_classes_halves():
   val, test = (rows[h] for h in relearning.validation_halves(y[rows], 4))
   w = jnp.eye(4)
   right = np.asarray(jnp.argmax(x @ w, -1)) == y
-  np.testing.assert_allclose(t.metric_fn(w), [right[val].mean(),
-                                              right[test].mean()])
+  np.testing.assert_allclose(t.metric_fn(w, t.eval_data),
+                             [right[val].mean(), right[test].mean()])
+  # The halves are arguments, not constants compiled into the attack's
+  # program (one compilation serves every seed's halves).
+  assert not jax.make_jaxpr(t.metric_fn)(w, t.eval_data).consts
   assert len(val) + len(test) == 6 and not set(val) & set(test)
   np.testing.assert_allclose(t.loss_fn(w, train), np.mean(
       -jax.nn.log_softmax(x[:3] @ w)[np.arange(3), y[:3]]), rtol=1e-6)

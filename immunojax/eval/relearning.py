@@ -80,16 +80,20 @@ def class_recovery_target(logits: Callable, *, eval_data,
   rows = np.flatnonzero(np.isin(y_ev, list(classes)))
   if not len(rows):
     raise ValueError(f"no held-out example of classes {list(classes)}")
-  val, test = (rows[h] for h in validation_halves(y_ev[rows], seed))
+  # The halves travel as the target's eval_data (arguments of the attack's
+  # program, not constants compiled into it): a loop over seeds, whose
+  # halves differ, reuses one compilation.
+  halves = tuple((jnp.asarray(x_ev[idx]), jnp.asarray(y_ev[idx]))
+                 for idx in (rows[h] for h in
+                             validation_halves(y_ev[rows], seed)))
 
-  def accuracy(p, idx):
-    x, y = x_ev[idx], jnp.asarray(y_ev[idx])
-    return models.accuracy(logits(p, x, y), y)
+  def metric(p, ev):
+    return jnp.stack([models.accuracy(logits(p, x, y), y) for x, y in ev])
 
   return attacks.Target(
       loss_fn=lambda p, b: losses.cross_entropy(logits(p, b[0], b[1]), b[1]),
-      metric_fn=lambda p: jnp.stack([accuracy(p, val), accuracy(p, test)]),
-      train_data=train_data, head=tuple(head), lora_config=lora_config)
+      metric_fn=metric, train_data=train_data, eval_data=halves,
+      head=tuple(head), lora_config=lora_config)
 
 
 def relearning_probe(starts: Mapping[str, PyTree], target: attacks.Target, *,
