@@ -188,8 +188,19 @@ def test_class_recovery_target_reads_the_removed_classes_halves():
   np.testing.assert_allclose(t.metric_fn(w, t.eval_data),
                              [right[val].mean(), right[test].mean()])
   # The halves are arguments, not constants compiled into the attack's
-  # program (one compilation serves every seed's halves).
+  # program, padded to one length, 4 (the largest two classes give halves
+  # of 2 + 2 rows; classes 2 and 3 give 1 and 3): one compilation serves
+  # every seed's and every class set's halves.
   assert not jax.make_jaxpr(t.metric_fn)(w, t.eval_data).consts
+  other = relearning.class_recovery_target(
+      logits, eval_data=(x, y), classes=(2, 3), train_data=train, seed=0)
+  shapes = lambda t: [a.shape for a in jax.tree_util.tree_leaves(t.eval_data)]
+  assert shapes(other) == shapes(t) == [(4, 4), (4,), (4,)] * 2
+  rows23 = np.flatnonzero(np.isin(y, [2, 3]))
+  v23, t23 = (rows23[h] for h in relearning.validation_halves(y[rows23], 0))
+  assert (len(v23), len(t23)) == (1, 3)
+  np.testing.assert_allclose(other.metric_fn(w, other.eval_data),
+                             [right[v23].mean(), right[t23].mean()])
   assert len(val) + len(test) == 6 and not set(val) & set(test)
   np.testing.assert_allclose(t.loss_fn(w, train), np.mean(
       -jax.nn.log_softmax(x[:3] @ w)[np.arange(3), y[:3]]), rtol=1e-6)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from immunojax import attacks, lora, losses, models
+from immunojax import attacks, lora, losses
 from immunojax.eval.curves import best_curve, selected_curve, \
     steps_to_threshold
 
@@ -66,7 +66,10 @@ def class_recovery_target(logits: Callable, *, eval_data,
   (a few images of every class), accuracy on the held-out examples of
   ``classes`` as ``[validation, test]`` (:func:`validation_halves` with
   ``seed``: the attacker and checkpoint are chosen on one, read on the
-  other).
+  other). The halves are the target's ``eval_data``, ``(x, y, keep)`` each,
+  padded to a length set by ``eval_data``'s class counts and
+  ``len(classes)`` alone, so targets of other seeds or classes share the
+  attack's compilation.
 
   Args:
     logits: ``logits(params, x, y) -> (n, classes)`` (``y`` for a model
@@ -81,14 +84,27 @@ def class_recovery_target(logits: Callable, *, eval_data,
   if not len(rows):
     raise ValueError(f"no held-out example of classes {list(classes)}")
   # The halves travel as the target's eval_data (arguments of the attack's
-  # program, not constants compiled into it): a loop over seeds, whose
-  # halves differ, reuses one compilation.
-  halves = tuple((jnp.asarray(x_ev[idx]), jnp.asarray(y_ev[idx]))
-                 for idx in (rows[h] for h in
-                             validation_halves(y_ev[rows], seed)))
+  # program, not constants compiled into it), each padded with weight-0 rows
+  # to the largest half that any len(classes) classes of eval_data give: a
+  # loop over seeds, whose classes and halves differ, compiles once.
+  counts = np.sort(np.unique(y_ev, return_counts=True)[1])[::-1]
+  size = int(((counts[:len(classes)] + 1) // 2).sum())
+
+  def half(idx):
+    pad = np.concatenate([idx, np.full(size - len(idx),
+                                       idx[0] if len(idx) else rows[0])])
+    return (jnp.asarray(x_ev[pad]), jnp.asarray(y_ev[pad]),
+            jnp.arange(size) < len(idx))
+
+  halves = tuple(half(rows[h]) for h in validation_halves(y_ev[rows], seed))
 
   def metric(p, ev):
-    return jnp.stack([models.accuracy(logits(p, x, y), y) for x, y in ev])
+    def accuracy(x, y, keep):
+      right = (jnp.argmax(logits(p, x, y), axis=-1) == y) & keep
+      # times the reciprocal: what XLA makes of a mean over a fixed count
+      # (models.accuracy), so the figures stay those of the unpadded mean
+      return jnp.sum(right) * (1.0 / jnp.sum(keep))
+    return jnp.stack([accuracy(*h) for h in ev])
 
   return attacks.Target(
       loss_fn=lambda p, b: losses.cross_entropy(logits(p, b[0], b[1]), b[1]),
