@@ -252,6 +252,13 @@ def test_sophon_covered_reads_momentum_as_its_effective_step():
   assert not sd.covered(a("rmsprop", 1e-3), envs)
 
 
+# The three GS-LoRA experiments compile the same ViT programs (pre-training
+# epochs, task runs, probes): one xdist worker runs them in turn, so the
+# later ones load from the suite's compile cache what the earlier compiled
+# (pyproject's --dist loadgroup).
+GS_LORA_GROUP = pytest.mark.xdist_group("gs_lora")
+
+
 def _run_at_default_optimisation(module: str, out) -> None:
   """``--quick`` in its own process at XLA's default optimisation: the ViT
   runs are bound by running, not compiling, and the suite's level 0
@@ -264,6 +271,7 @@ def _run_at_default_optimisation(module: str, out) -> None:
   assert r.returncode == 0, r.stderr[-3000:]
 
 
+@GS_LORA_GROUP
 def test_gs_lora_digits_quick_contract(tmp_path):
   from experiments import gs_lora_digits as g
   out = tmp_path / "gs"
@@ -295,6 +303,7 @@ def test_gs_lora_digits_quick_contract(tmp_path):
     assert (out / png).exists()
 
 
+@GS_LORA_GROUP
 def test_gs_lora_relearning_quick_contract(tmp_path):
   from experiments import gs_lora_relearning as g
   out = tmp_path / "glr"
@@ -343,6 +352,7 @@ def test_relearning_aggregate_and_target_by_hand():
   assert g.target(cfg, agg)["met_by"] == []        # 0.4 - 0.15 > 0.15
 
 
+@GS_LORA_GROUP
 def test_gs_lora_regimes_quick_contract(tmp_path):
   from experiments import gs_lora_regimes as g
   out = tmp_path / "glg"
