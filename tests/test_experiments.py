@@ -252,10 +252,11 @@ def test_sophon_covered_reads_momentum_as_its_effective_step():
   assert not sd.covered(a("rmsprop", 1e-3), envs)
 
 
-# The three GS-LoRA experiments compile the same ViT programs (pre-training
-# epochs, task runs, probes): one xdist worker runs them in turn, so the
-# later ones load from the suite's compile cache what the earlier compiled
-# (pyproject's --dist loadgroup).
+# The GS-LoRA experiments share ViT programs (gs_lora_relearning's and
+# gs_lora_regimes' quick sizes: the pre-training epoch, the bounded-forget
+# task run): one xdist worker runs the three in turn, so a later one loads
+# from the suite's compile cache what an earlier compiled, instead of both
+# workers compiling it at once (pyproject's --dist loadgroup).
 GS_LORA_GROUP = pytest.mark.xdist_group("gs_lora")
 
 
