@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from immunojax import attacks, lora, losses
+from immunojax.eval.continual import padded
 from immunojax.eval.curves import best_curve, selected_curve, \
     steps_to_threshold
 
@@ -91,8 +92,7 @@ def class_recovery_target(logits: Callable, *, eval_data,
   size = int(((counts[:len(classes)] + 1) // 2).sum())
 
   def half(idx):
-    pad = np.concatenate([idx, np.full(size - len(idx),
-                                       idx[0] if len(idx) else rows[0])])
+    pad = padded(idx, size)
     return (jnp.asarray(x_ev[pad]), jnp.asarray(y_ev[pad]),
             jnp.arange(size) < len(idx))
 
