@@ -21,9 +21,11 @@ def fit(run: Run, loss_fn, params, arrays, *, steps: int, lr: float,
   """
   trainer = supervised(loss_fn, optax.adam(lr))
   key = jax.random.PRNGKey(seed)
+  # The batch key travels with the data (a jit argument): closed over, it
+  # would be a constant of the compiled step, one program per seed.
   state = run.fit(loop, trainer, trainer.init(params, key),
-                  lambda d, t: data.minibatch(key, d, batch_size, t), arrays,
-                  steps, desc=desc)
+                  lambda d, t: data.minibatch(d[0], d[1], batch_size, t),
+                  (key, arrays), steps, desc=desc)
   return trainer.params(state)
 
 
