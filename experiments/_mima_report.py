@@ -105,19 +105,9 @@ def targets(cfg, out) -> dict:
         mean_worst_over_seeds(seeds, other, [attack]))
     two_sd[name] = (None if len(seeds) < 2 else
                     bool(eval_curves.differs(x, y) and x["mean"] < y["mean"]))
-  # every checkpoint, seeds' means: where the erased model re-learned a
-  # concept (worst >= 0.5), MIMA's worst concept at most half of it
-  half, seen = True, 0
-  for a, per in out["attacks"].items():
-    if not a.startswith(("lora/", "kv/", "phi_merge")):
-      continue
-    for wo, w in zip(per["none"]["worst_concept"]["mean"][1:],
-                     per["mima"]["worst_concept"]["mean"][1:]):
-      if wo >= 0.5:
-        seen += 1
-        half &= w <= 0.5 * wo
+  half = half_of_erased(out, cfg.eval_every)
   two_sd["mima_worst_le_half_erased_lora_kv_every_checkpoint"] = (
-      bool(half) if seen else None)
+      half["met"] == half["checked"] if half["checked"] else None)
   matched = out.get("retention_matched", {})
   two_sd["every_method_retention_matched"] = bool(all(
       r["matched"] for m, r in matched.items() if m != "none"))
@@ -129,6 +119,28 @@ def targets(cfg, out) -> dict:
           "none_relearns_every_concept": bool(all(
               ms["none"]["attacks"][a]["worst_concept_accuracy"] >= 0.5
               for a in ms["none"]["attacks"]))}
+
+
+def half_of_erased(out, eval_every: int) -> dict:
+  """The "at most half the erased model's" target on the seeds' mean curves:
+  at every checkpoint after step 0 of the LoRA, K/V and phi_merge attacks
+  where the erased model's worst concept has re-learned to >= 0.5, is
+  MIMA's worst concept <= half of it? ``checked`` / ``met`` count those
+  checkpoints; ``worst`` is the one with the largest MIMA / erased ratio
+  as ``(attack, step, mima, erased)`` (None when none is checked)."""
+  checked, met, worst, ratio = 0, 0, None, -1.0
+  for a, per in out["attacks"].items():
+    if not a.startswith(("lora/", "kv/", "phi_merge")):
+      continue
+    for e, (wo, w) in enumerate(zip(per["none"]["worst_concept"]["mean"],
+                                    per["mima"]["worst_concept"]["mean"])):
+      if e == 0 or wo < 0.5:
+        continue
+      checked += 1
+      met += int(w <= 0.5 * wo)
+      if w / wo > ratio:
+        ratio, worst = w / wo, (a, e * eval_every, w, wo)
+  return {"checked": checked, "met": met, "worst": worst}
 
 
 def mean_worst_over_seeds(seeds: list[dict], method: str,
@@ -274,6 +286,17 @@ def notes(cfg, out) -> list[str]:
         f"concept): {x['mean']:.3f} vs {y['mean']:.3f}, difference "
         f"{y['mean'] - x['mean']:+.3f} against 2 sd = {spread:.3f}: "
         f"{verdict}; displacement ratio {out['displacement_ratio']:.3g}.")
+  half = half_of_erased(out, cfg.eval_every)
+  if half["checked"]:
+    a, step, w, wo = half["worst"]
+    lines.append(
+        "MIMA <= half the erased model's worst-concept accuracy (LoRA, K/V "
+        "and phi_merge attacks, seeds' mean, every checkpoint where the "
+        f"erased model re-learned to >= 0.5): met at {half['met']} of "
+        f"{half['checked']} checkpoints; farthest from it {a} at step "
+        f"{step}, MIMA {w:.3f} vs erased {wo:.3f} (ratio {w / wo:.2f}, "
+        f"target <= 0.5); displacement ratio "
+        f"{out['displacement_ratio']:.3g}.")
   rm = out.get("retention_matched") or {}
   if any(r.get("swept") for r in rm.values()):
     lines.append(

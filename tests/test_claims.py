@@ -162,6 +162,30 @@ def test_mima_claims_read_the_targets():
   assert keep["verdict"] == "does not hold here"
 
 
+def test_mima_half_of_erased_counts_checkpoints_where_the_erased_relearned():
+  from experiments import _mima_report
+  curve = lambda *m: {"worst_concept": {"mean": list(m)}}
+  out = {"attacks": {
+      # step 0 and the erased model below 0.5 are never checked
+      "lora/joint": {"none": curve(0.9, 0.4, 0.8, 1.0),
+                     "mima": curve(0.9, 0.9, 0.3, 0.6)},
+      "full/joint": {"none": curve(0.0, 1.0, 1.0, 1.0),   # not a K/V attack
+                     "mima": curve(0.0, 1.0, 1.0, 1.0)},
+      "phi_merge": {"none": curve(0.0, 0.5, 0.6, 0.6),
+                    "mima": curve(0.0, 0.25, 0.3, 0.39)}}}
+  half = _mima_report.half_of_erased(out, eval_every=50)
+  # checked: lora 0.8 (0.3 met), 1.0 (0.6 not); phi_merge 0.5, 0.6, 0.6
+  # (0.25 and 0.3 met, 0.39 not)
+  assert half["checked"] == 5 and half["met"] == 3
+  assert half["worst"] == ("phi_merge", 150, 0.39, 0.6)   # ratio 0.65
+  out["attacks"]["lora/joint"]["mima"] = curve(0.9, 0.9, 0.3, 0.4)
+  out["attacks"]["phi_merge"]["mima"] = curve(0.0, 0.25, 0.3, 0.3)
+  assert _mima_report.half_of_erased(out, eval_every=50)["met"] == 5
+  out["attacks"] = {"ti/joint": out["attacks"]["full/joint"]}
+  assert _mima_report.half_of_erased(out, eval_every=50) == {
+      "checked": 0, "met": 0, "worst": None}
+
+
 def _summary(root, name, claims, *, quick=False, figures=(), png=None):
   d = root / name
   root.mkdir(exist_ok=True)
