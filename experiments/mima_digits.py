@@ -46,8 +46,7 @@ from immunojax.eval import concepts, text_to_image as t2i
 from immunojax.methods import imma
 from immunojax.optimizers import OPTIMIZERS
 
-METHODS = ("none", "max", "imma_sequential", "imma_joint", "mima",
-           "mima_average_merge")
+METHODS = concepts.METHODS
 ATTACK_MODES = t2i.ATTACK_MODES
 UPPER = (r"attn2/",)                      # S^u: MIMA's "xattn"
 LOWER = (r"^unet/",)                      # S^l: MIMA's "unet"
@@ -88,6 +87,9 @@ class Config:
               "retention (on a selection draw) reaches --retention-floor "
               "(empty: --prior-weight for every method)"})
   retention_floor: float = 0.93
+  prior_sweep: Literal["until_matched", "grid"] = dataclasses.field(
+      default="until_matched", metadata={"help": "grid: every method at "
+      "every weight; until_matched: the next only while below the floor"})
   prior_null: float = dataclasses.field(default=0.0, metadata={
       "help": "share of the prior batch's rows given the null prompt (the "
               "unconditional branch guidance reads)"})
@@ -231,10 +233,11 @@ def make_sampler(st: t2i.DigitTextToImage, cfg: Config, key):
 
 
 def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
-             erased, *, bound: float | None = None, prefix: str = ""):
-  """Every method's released parameters and the wall time of its training
-  loop(s) (its first step compiles). ``bound``: the ascent bound B (None:
-  unbounded); ``prefix`` names the loops (a seed's, a prior weight's)."""
+             erased, *, bound: float | None = None, prefix: str = "",
+             methods=None):
+  """``methods``' (None: all) released parameters and loop(s)' wall time (a
+  first step compiles). ``bound``: the ascent bound B (None: unbounded);
+  ``prefix`` names the loops (a seed's, a prior weight's)."""
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(cfg.outer_lr, weight_decay=1e-2))
   extra = {} if cfg.scheme == "alternating" else {
@@ -260,16 +263,14 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
       steps=cfg.immunize_steps,
       sequential_steps=(cfg.immunize_steps   # MIMA's budget in total
                         if cfg.sequential_budget == "per_concept"
-                        else cfg.immunize_steps // len(cfg.concepts)))
+                        else cfg.immunize_steps // len(cfg.concepts)),
+      methods=methods)
 
 
 def attacker_displacement(cfg: Config, st: t2i.DigitTextToImage,
                           params) -> dict:
-  """How far the simulated attacker (the lower level: --inner-steps of
-  --inner-optimizer at --inner-lr on S^l, built as imma.mima builds it) and
-  the evaluated attack's first checkpoint (--eval-every Adam steps at
-  --lr-full, full fine-tuning) move ``params``, per concept, on the same
-  concept images with the attack's batch size."""
+  """How far the lower level (as imma.mima builds it) and the evaluated
+  attack's first checkpoint move ``params``, per concept, on the same images."""
   sim, ev = t2i.attacker_displacement(
       st, params, cfg.concepts,
       lower_optimizer=imma.lower_optimizer(
@@ -309,21 +310,21 @@ def immunize_matched(cfg: Config, run: _runner.Run,
                      st: t2i.DigitTextToImage, erased, retention_of, *,
                      bound, prefix=""):
   """Every method at its prior weight (:func:`immunojax.eval.concepts.
-  match_utility`): with ``--prior-weights``, the smallest whose retention on
-  a selection draw reaches ``--retention-floor``, else the one that retains
-  most. Returns (params, wall seconds, ``retention_matched``)."""
+  match_utility` over ``--prior-weights``, ``--retention-floor``, ``--prior-
+  sweep``). Returns (params, wall seconds, ``retention_matched``)."""
   weights = cfg.prior_weights or (cfg.prior_weight,)
 
-  def train_at(w):
+  def train_at(w, methods):
     if len(weights) > 1:
-      run.print(f"  prior weight {w:g}")
+      run.print(f"  prior weight {w:g}" + (
+          "" if methods is None else f" ({', '.join(methods)})"))
     name = prefix + (f"prior_{w:g}/" if len(weights) > 1 else "")
     return immunize(dataclasses.replace(cfg, prior_weight=w), run, st,
-                    erased, bound=bound, prefix=name)
+                    erased, bound=bound, prefix=name, methods=methods)
 
   return concepts.match_utility(
       train_at, weights, utility=lambda p: retention_of(p, "select"),
-      floor=cfg.retention_floor)
+      floor=cfg.retention_floor, sweep=cfg.prior_sweep)
 
 
 def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
@@ -343,8 +344,7 @@ def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
                for draw, off in (("report", 41), ("select", 43))}
 
   def retention_of(params, draw="report"):
-    return float(np.mean(np.asarray(metric_jit(params,
-                                               retain_ev[draw]))[:, 0]))
+    return float(np.mean(np.asarray(metric_jit(params, retain_ev[draw]))[:, 0]))
 
   before = {"pretrained": np.asarray(metric_jit(pretrained, targets_ev)),
             "erased": np.asarray(metric_jit(erased, targets_ev))}
@@ -357,8 +357,8 @@ def one_seed(cfg: Config, run: _runner.Run, prefix: str = "") -> dict:
   retention = {m: retention_of(p) for m, p in immunized.items()}
   retention["pretrained"] = retention_of(pretrained)
   for m, r in matched.items():
-    r["retention"] = retention[m]
-    r["matched"] = bool(retention[m] >= cfg.retention_floor)
+    r.update(retention=retention[m],
+             matched=bool(retention[m] >= cfg.retention_floor))
   target_acc_before = {m: np.asarray(metric_jit(p, targets_ev))[:, 0].tolist()
                        for m, p in immunized.items()}
   curves, attack_wall = attack_all(cfg, run, st, metric, immunized)

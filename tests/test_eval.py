@@ -480,32 +480,65 @@ def test_over_seeds_and_matched_weight():
     concepts.matched_weight({}, 0.9)
 
 
-def test_match_utility_keeps_each_method_at_its_own_weight():
-  # "params" are (method, weight) tags; utility falls with the weight for
-  # "a", rises for "b"; "none" ignores the weight
-  calls = []
+def _tagged_training(calls):
+  """``train_at`` whose "params" are (method, weight) tags; every call is
+  logged as (weight, methods)."""
+  def train_at(w, methods):
+    calls.append((w, methods))
+    todo = methods or ("none", "a", "b", "c")
+    return ({m: (m, w) for m in todo},
+            {m: {"none": 0.0, "a": 1.0, "b": 2.0, "c": 3.0}[m] for m in todo})
+  return train_at
 
-  def train_at(w):
-    calls.append(w)
-    return ({m: (m, w) for m in ("none", "a", "b")},
-            {"none": 0.0, "a": 1.0, "b": 2.0})
-  util = {("a", 1.0): 0.95, ("a", 3.0): 0.90, ("b", 1.0): 0.80,
-          ("b", 3.0): 0.85}
+
+# utility falls with the weight for "a", rises for "b" (never reaching the
+# floor), reaches it at the middle weight for "c"; "none" ignores the weight
+UTIL = {("a", 1.0): 0.95, ("a", 2.0): 0.92, ("a", 3.0): 0.90,
+        ("b", 1.0): 0.80, ("b", 2.0): 0.82, ("b", 3.0): 0.85,
+        ("c", 1.0): 0.90, ("c", 2.0): 0.94, ("c", 3.0): 0.96}
+
+
+@pytest.mark.parametrize("sweep", ["grid", "until_matched"])
+def test_match_utility_keeps_each_method_at_its_own_weight(sweep):
+  calls = []
   params, walls, rec = concepts.match_utility(
-      train_at, (3.0, 1.0), utility=lambda p: util.get(p, 1.0), floor=0.93)
-  assert calls == [1.0, 3.0]                          # the grid, in order
+      _tagged_training(calls), (3.0, 1.0, 2.0),
+      utility=lambda p: UTIL.get(p, 1.0), floor=0.93, sweep=sweep)
+  # the same choice either way: the smallest weight that reaches the floor,
+  # else the best one
   assert params == {"none": ("none", 1.0), "a": ("a", 1.0),
-                    "b": ("b", 3.0)}                  # b: best, not matched
-  assert walls == {"none": 0.0, "a": 2.0, "b": 4.0}   # summed over the grid
+                    "b": ("b", 3.0), "c": ("c", 2.0)}
   assert rec["a"]["selection_matched"] is True
-  assert rec["b"] == {"prior_weight": 3.0, "selection_matched": False,
-                      "swept": {"1": 0.80, "3": 0.85}}
+  assert rec["b"]["prior_weight"] == 3.0
+  assert rec["b"]["selection_matched"] is False
   assert rec["none"]["prior_weight"] is None
+  if sweep == "grid":
+    assert calls == [(1.0, None), (2.0, None), (3.0, None)]
+    assert walls == {"none": 0.0, "a": 3.0, "b": 6.0, "c": 9.0}
+    assert rec["c"]["swept"] == {"1": 0.90, "2": 0.94, "3": 0.96}
+  else:           # a method's next weight only while it is below the floor
+    assert calls == [(1.0, None), (2.0, ("b", "c")), (3.0, ("b",))]
+    assert walls == {"none": 0.0, "a": 1.0, "b": 6.0, "c": 6.0}
+    assert rec["a"]["swept"] == {"1": 0.95}
+    assert rec["c"]["swept"] == {"1": 0.90, "2": 0.94}
+  assert rec["b"]["swept"] == {"1": 0.80, "2": 0.82, "3": 0.85}
+
+
+def test_match_utility_stops_when_every_method_is_matched_and_checks_sweep():
+  calls = []
+  util = {("a", 1.0): 0.95, ("b", 1.0): 0.94, ("c", 1.0): 0.99}
+  params, _, _ = concepts.match_utility(
+      _tagged_training(calls), (1.0, 3.0), utility=lambda p: util.get(p, 0.0),
+      floor=0.93)
+  assert calls == [(1.0, None)] and params["b"] == ("b", 1.0)
   # one weight: nothing selected, nothing swept
-  _, _, one = concepts.match_utility(train_at, (2.0,), utility=None,
-                                     floor=0.93)
+  _, _, one = concepts.match_utility(_tagged_training([]), (2.0,),
+                                     utility=None, floor=0.93)
   assert one["a"] == {"prior_weight": 2.0, "selection_matched": None,
                       "swept": None}
+  with pytest.raises(ValueError, match="unknown sweep 'all'"):
+    concepts.match_utility(_tagged_training([]), (1.0,), utility=None,
+                           floor=0.9, sweep="all")
 
 
 def test_immunize_methods_chains_sequential_imma_and_pools_joint():
@@ -529,6 +562,16 @@ def test_immunize_methods_chains_sequential_imma_and_pools_joint():
     assert e[2] == [] and e[3] == [[1.0, 0.0], [0.0, 1.0]]
   assert list(out) == ["none", "max", "imma_sequential", "imma_joint",
                        "mima", "mima_average_merge"]
+  # a subset: only those loops run, "none" only when asked for
+  log.clear()
+  out, wall = concepts.immunize_methods(fit, [], concepts=["x", "y"],
+                                        steps=10, sequential_steps=5,
+                                        methods=("imma_joint", "mima"))
+  assert [e[0] for e in log] == ["imma_joint", "mima"]
+  assert list(out) == list(wall) == ["imma_joint", "mima"]
+  with pytest.raises(ValueError, match="unknown method 'mimma'"):
+    concepts.immunize_methods(fit, [], concepts=["x"], steps=1,
+                              sequential_steps=1, methods=("mimma",))
 
 
 def test_immunizers_are_the_methods_built_directly():

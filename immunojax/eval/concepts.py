@@ -11,7 +11,8 @@ scores it is read by, and the utility-matched choice of its prior weight.
 * :func:`over_seeds`: mean and sd over seeds at every checkpoint.
 * :func:`matched_weight`: the smallest weight whose utility reaches a
   floor (methods compared at equal utility); :func:`match_utility` trains
-  every method over a grid of weights and keeps each at its own.
+  the methods over a grid of weights (a method's larger weights only while
+  it is below the floor) and keeps each at its own.
 * :func:`immunizers` and :func:`immunize_methods`: the comparison's
   immunizers on one loss, and the order they are trained in.
 """
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from immunojax import _checks
 from immunojax.eval.curves import gap_ratio, mean_std
 from immunojax.methods import imma
 
@@ -178,43 +180,70 @@ def matched_weight(scores: Mapping[float, float], floor: float
   return max(sorted(scores), key=lambda w: scores[w]), False
 
 
-def match_utility(train_at: Callable[[float], tuple[dict, dict]],
-                  weights: Sequence[float], *, utility: Callable[[Any], float],
-                  floor: float, unweighted: Sequence[str] = ("none",)):
-  """Every method trained at each weight, kept at its :func:`matched_weight`.
+SWEEPS = ("until_matched", "grid")
+# The comparison's methods (:func:`immunize_methods`), in training order.
+METHODS = ("none", "max", "imma_sequential", "imma_joint", "mima",
+           "mima_average_merge")
+
+
+def match_utility(train_at: Callable, weights: Sequence[float], *,
+                  utility: Callable[[Any], float], floor: float,
+                  unweighted: Sequence[str] = ("none",),
+                  sweep: str = "until_matched"):
+  """Every method kept at its :func:`matched_weight` of ``weights``.
 
   Args:
-    train_at: ``train_at(w) -> ({method: params}, {method: seconds})``.
-    weights: the grid; with one weight nothing is selected.
+    train_at: ``train_at(w, methods) -> ({method: params}, {method:
+      seconds})``; ``methods`` names the methods to train at ``w`` (None:
+      every method).
+    weights: the grid, tried in increasing order; with one weight nothing
+      is selected.
     utility: ``utility(params) -> float`` on a selection draw (not the one
       reported).
     floor: the utility every method should keep.
-    unweighted: methods the weight does not apply to (kept at the first).
+    unweighted: methods the weight does not apply to (trained at the first
+      weight only).
+    sweep: ``"until_matched"``: after the first weight, a method is trained
+      at the next weight only while its utility is below ``floor`` -- the
+      same choice as the grid (the smallest weight that reaches the floor,
+      else the best of all), with the larger weights skipped where the
+      smaller one suffices. ``"grid"``: every method at every weight.
 
   Returns:
     ``(params, seconds, record)`` per method: the kept parameters, the
-    seconds summed over the sweep, and ``{"prior_weight", "selection_matched",
-    "swept"}`` (None where nothing was selected).
+    seconds summed over the weights it was trained at, and
+    ``{"prior_weight", "selection_matched", "swept"}`` (``swept``: the
+    utility at each weight it was trained at; None where nothing was
+    selected).
   """
+  _checks.check_choice(sweep, SWEEPS, "sweep")
   weights = sorted(weights)
   tried = {}
+  todo = None                                # None: every method
   for w in weights:
-    params, wall = train_at(w)
+    params, wall = train_at(w, todo)
     sel = ({m: utility(p) for m, p in params.items()}
            if len(weights) > 1 else None)
     tried[w] = (params, wall, sel)
+    if sweep == "until_matched" and sel is not None:
+      todo = tuple(m for m, u in sel.items()
+                   if m not in unweighted and u < floor)
+      if not todo:
+        break
+  first = tried[weights[0]][0]
   out, walls, record = {}, {}, {}
-  for m in tried[weights[0]][0]:
+  for m in first:
+    at = [v for v in tried if m in tried[v][0]]
     if len(weights) == 1 or m in unweighted:
       w, ok = weights[0], None
     else:
-      w, ok = matched_weight({v: tried[v][2][m] for v in weights}, floor)
+      w, ok = matched_weight({v: tried[v][2][m] for v in at}, floor)
     out[m] = tried[w][0][m]
-    walls[m] = float(sum(t[1][m] for t in tried.values()))
+    walls[m] = float(sum(tried[v][1][m] for v in at))
     record[m] = {"prior_weight": None if m in unweighted else w,
                  "selection_matched": ok,
                  "swept": None if len(weights) == 1 else {
-                     f"{v:g}": tried[v][2][m] for v in weights}}
+                     f"{v:g}": tried[v][2][m] for v in at}}
   return out, walls, record
 
 
@@ -238,7 +267,8 @@ def immunizers(loss_fn: Callable, *, merge: imma.Merge, upper,
 
 
 def immunize_methods(fit: Callable, start, *, concepts: Sequence,
-                     steps: int, sequential_steps: int):
+                     steps: int, sequential_steps: int,
+                     methods: Sequence[str] | None = None):
   """The multi-concept comparison (IMMA / MIMA papers): from ``start``,
   ``max`` (direct ascent, one slot per concept), ``imma_sequential`` (IMMA
   on one concept at a time, chained, ``sequential_steps`` each),
@@ -252,15 +282,21 @@ def immunize_methods(fit: Callable, start, *, concepts: Sequence,
       ``mima_average_merge``) from ``params`` on the slot matrix ``slots``
       (rows: slots, columns: concepts) under the loop name ``name``.
     concepts: the concepts' names (progress descriptions).
+    methods: the methods to train (None: all of them, ``none`` included).
 
   Returns:
     ``(params, seconds)`` per method (a loop's first step compiles).
   """
   c = len(concepts)
   each = jnp.eye(c)
-  out, wall = {"none": start}, {"none": 0.0}
+  for m in methods or ():
+    _checks.check_choice(m, METHODS, "method")
+  want = lambda m: methods is None or m in methods
+  out, wall = ({"none": start}, {"none": 0.0}) if want("none") else ({}, {})
 
   def timed(name, train):
+    if not want(name):
+      return
     t0 = time.perf_counter()
     out[name] = train()
     wall[name] = time.perf_counter() - t0
