@@ -201,8 +201,8 @@ def match_utility(train_at: Callable, weights: Sequence[float], *,
     utility: ``utility(params) -> float`` on a selection draw (not the one
       reported).
     floor: the utility every method should keep.
-    unweighted: methods the weight does not apply to (trained at the first
-      weight only).
+    unweighted: methods the weight does not apply to (kept at the first
+      weight, the only one ``until_matched`` trains them at).
     sweep: ``"until_matched"``: after the first weight, a method is trained
       at the next weight only while its utility is below ``floor`` -- the
       same choice as the grid (the smallest weight that reaches the floor,
