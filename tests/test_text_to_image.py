@@ -146,7 +146,9 @@ def test_displacement_of_an_attacker_that_trains_nothing_is_zero(world):
 
 def test_attack_scopes_are_the_harness_runs(world):
   """per_concept[:, i] is the attack on concept i scored on concept i,
-  joint the joint attack, collateral the mean over the collateral digits."""
+  joint the joint attack, collateral the mean over the collateral digits;
+  a concept's attack samples only its concept and the collateral digits,
+  with the joint attack's draws for those prompts."""
   def metric(params, ev):        # (C, 3) from the prompts' denoising loss
     loss = jax.vmap(lambda p, r, t, e: world.loss(params, {
         "x": r, "tokens": jnp.broadcast_to(p, (r.shape[0], p.shape[0])),
@@ -165,12 +167,18 @@ def test_attack_scopes_are_the_harness_runs(world):
   direct = attacks.run_attacks(grid, starts, targets, eval_every=1)
   got = out["kv"]
   assert got["steps"].tolist() == [0, 1, 2]
+  joint_ev = targets["joint"].eval_data
   for i, k in enumerate(CONCEPTS):
-    m = np.asarray(direct[str(k)].metric["a"][0])          # (3, 5, 3)
+    own = targets[str(k)].eval_data
+    for name, a in own.items():            # concept i, then the collateral
+      np.testing.assert_array_equal(
+          a, np.concatenate([joint_ev[name][i:i + 1], joint_ev[name][3:]]))
+    m = np.asarray(direct[str(k)].metric["a"][0])          # (3, 3, 3)
+    assert m.shape == (3, 3, 3)
     np.testing.assert_allclose(got["scopes"]["per_concept"]["a"][:, i],
-                               m[:, i])
+                               m[:, 0])
     np.testing.assert_allclose(got["collateral"]["per_concept"]["a"][:, i],
-                               m[:, 3:, 0].mean(-1))
+                               m[:, 1:, 0].mean(-1))
   np.testing.assert_allclose(got["scopes"]["joint"]["a"],
                              np.asarray(direct["joint"].metric["a"][0])[:, :3])
   assert got["diverged"] == {"a": False}

@@ -282,11 +282,14 @@ def attack_targets(world: DigitTextToImage, metric, *,
                    samples: int, seed: int) -> dict[str, attacks.Target]:
   """The harness's named targets for one attack: one per concept (its rows
   from ``seed + 21``) and ``joint`` (as many rows as one concept's, drawn
-  evenly from all). Every target is scored on every concept and then the
-  ``collateral`` digits' own prompts (the same judge draws, ``seed + 30``),
-  so the per-concept and joint attacks share one compilation. LoRA targets
-  :data:`ATTN` at rank ``lora_rank``; mode ``kv`` trains :data:`KV`, mode
-  ``ti`` the placeholder tokens."""
+  evenly from all). A concept's target is scored on that concept and then
+  the ``collateral`` digits' own prompts, ``joint`` on every concept and
+  then the collateral digits; every prompt keeps its judge draws
+  (``seed + 30``) whichever target scores it. Sampling is most of an
+  attack's time, so a concept's attack does not sample the other concepts
+  (the per-concept targets share one compilation, ``joint`` has its own).
+  LoRA targets :data:`ATTN` at rank ``lora_rank``; mode ``kv`` trains
+  :data:`KV`, mode ``ti`` the placeholder tokens."""
   rows, prompt_rows = world.attack_rows(concepts,
                                         textual_inversion=textual_inversion,
                                         copies=copies, seed=seed + 21)
@@ -298,7 +301,10 @@ def attack_targets(world: DigitTextToImage, metric, *,
       masked_modes={"kv": KV, "ti": ("placeholder",)})
   ev = _attack_judge_data(world, concepts, prompt_rows, collateral,
                           samples=samples, seed=seed)
-  out = {str(k): common._replace(train_data=rows[i], eval_data=ev)
+  c = len(concepts)
+  own = lambda i: jax.tree_util.tree_map(
+      lambda a: jnp.concatenate([a[i:i + 1], a[c:]]), ev)
+  out = {str(k): common._replace(train_data=rows[i], eval_data=own(i))
          for i, k in enumerate(concepts)}
   joint = jax.tree_util.tree_map(
       lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:])[:n], *rows)
@@ -363,7 +369,8 @@ def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
   """
   c = len(concepts)
   has_col = bool(collateral)
-  col = lambda m: m[:, c:, 0].mean(-1) if has_col else None
+  # the collateral digits follow the scored concepts (1 per concept, c joint)
+  col = lambda m, first=c: m[:, first:, 0].mean(-1) if has_col else None
   shared = dict(collateral=collateral, copies=copies, samples=samples,
                 seed=seed)
   out, wall = {}, {}
@@ -395,9 +402,9 @@ def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
                                  attack_map=attack_map)
     m = {k: {s: cv.metric[s][0] for s in starts} for k, cv in curves.items()}
     # per concept: the attack on concept k, scored on concept k
-    per = {s: np.stack([m[str(k)][s][:, i] for i, k in enumerate(concepts)],
-                       axis=1) for s in starts}
-    per_col = {s: np.stack([col(m[str(k)][s]) for k in concepts], axis=1)
+    per = {s: np.stack([m[str(k)][s][:, 0] for k in concepts], axis=1)
+           for s in starts}
+    per_col = {s: np.stack([col(m[str(k)][s], 1) for k in concepts], axis=1)
                if has_col else None for s in starts}
     out[mode] = {"scopes": {"per_concept": per,
                             "joint": {s: m["joint"][s][:, :c]
