@@ -71,6 +71,16 @@ class Run:
       self._maps[local] = parallel.sharded_vmap(self.mesh, local=local)
     return self._maps[local]
 
+  def call_devices(self):
+    """Where independent calls go, one a device (:func:`immunojax.parallel.
+    spread_calls`): this process's devices of the run's mesh; None on one
+    device."""
+    if self.mesh is None:
+      return None
+    import jax  # noqa: PLC0415
+    return [d for d in self.mesh.devices.flat
+            if d.process_index == jax.process_index()]
+
   # ------------------------------------------------------------- logging
   def log(self, step: int, loop: str = "main", **metrics) -> None:
     """Appends one JSON object to metrics.jsonl."""

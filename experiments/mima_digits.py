@@ -289,8 +289,8 @@ def attacker_displacement(cfg: Config, st: t2i.DigitTextToImage,
 # ---------------------------------------------------------------- attack
 def attack_all(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
                metric, starts):
-  """Every attack mode on every start (:func:`immunojax.eval.text_to_image.
-  attack_concepts`); phi_merge merges with MIMA's own phi*."""
+  """Every attack mode on every start, one call each, over ``--devices``
+  (:func:`immunojax.eval.text_to_image.attack_concepts`); phi* merges."""
   return t2i.attack_concepts(
       st, metric, starts, concepts=cfg.concepts,
       attack_modes=cfg.attack_modes,
@@ -302,7 +302,7 @@ def attack_all(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
       # the non-target digits sampled after every attack (selectivity)
       collateral=[k for k in range(10)
                   if k not in cfg.concepts][:cfg.collateral_digits],
-      seed=cfg.seed, attack_map=run.grid_map(), log=run.print)
+      seed=cfg.seed, devices=run.call_devices(), log=run.print)
 
 
 # ------------------------------------------------------------ experiment

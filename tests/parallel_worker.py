@@ -127,6 +127,20 @@ def check_grid() -> dict:
                             attack_map=smap)
   out["harness_metric"] = maxdiff(ref.metric["p"], got.metric["p"])
   out["harness_loss"] = maxdiff(ref.final_loss["p"], got.final_loss["p"])
+  # ... and with each (target, start) call on a device of its own
+  starts = {"p": params, "q": mlp(6)[0]}
+  two = {"a": target, "b": target._replace(train_data=data(7, 64))}
+  ref = attacks.run_attacks(grid[:2], starts, two, eval_every=10)
+  got = attacks.run_attacks(grid[:2], starts, two, eval_every=10,
+                            devices=jax.devices()[:3])
+  out["spread_metric"] = max(maxdiff(ref[t].metric[s], got[t].metric[s])
+                             for t in two for s in starts)
+  out["spread_loss"] = max(maxdiff(ref[t].final_loss[s],
+                                   got[t].final_loss[s])
+                           for t in two for s in starts)
+  where = lambda x: jnp.asarray(next(iter(x.devices())).id)
+  out["spread_devices"] = [int(d) for d in parallel.spread_calls(
+      [(where, (jnp.ones(2),))] * 5, jax.devices()[1:4])]
 
   # SOPHON: 4 simulated environments per update, spread over devices
   rng = np.random.default_rng(0)

@@ -12,6 +12,8 @@ import pytest
     ("cond_num", ["cond_num_seconds_with_compile",
                   "cond_num_steps_per_second"]),
     ("bilevel", ["second_order_overhead", "remat_memory_ratio"]),
+    ("attack_spread", ["spread_speedup", "max_curve_difference",
+                       "extra_compile_s"]),
     ("spectrum", ["lanczos_overhead_vs_hvp", "closed_form_speedup_vs_hessian",
                   "lanczos_speedup_vs_eigsh_at_largest",
                   "certified_speedup_vs_power", "certified_relative_error",
@@ -28,6 +30,8 @@ def test_benchmark_quick_writes_summary(tmp_path, name, keys):
   for key in keys:
     assert isinstance(payload["summary"][key], float), key
   assert payload["records"] and "targets_met" in payload["summary"]
+  if name == "attack_spread":     # one device here: the same program's curves
+    assert payload["summary"]["max_curve_difference"] == 0.0
   if name != "cond_num":
     assert out.with_suffix(".png").exists()
 

@@ -60,6 +60,9 @@ def test_grid_parallel_jobs_equal_their_vmap():
   assert r["vmap_values"] < 1e-14 and r["vmap_grad"] < 1e-12
   assert r["sequential_switch"] == [3.0, 6.0, 6.0, 3.0, 6.0]
   assert r["harness_metric"] < 1e-12 and r["harness_loss"] < 1e-12
+  # a call per device, round robin: the same program, the same numbers
+  assert r["spread_metric"] == 0.0 and r["spread_loss"] == 0.0
+  assert r["spread_devices"] == [1, 2, 3, 1, 2]
   assert r["sophon_params"] < 1e-12
   ref, got = r["sophon_environments"]
   assert ref == got and len(ref) == 4
@@ -113,6 +116,31 @@ def test_initialize_validates_before_connecting(monkeypatch):
   monkeypatch.setenv(parallel.distributed.NUM_PROCESSES_ENV, "two")
   with pytest.raises(ValueError, match="not an integer"):
     parallel.initialize()
+
+
+def test_spread_calls_on_one_device_are_the_calls():
+  f = jax.jit(lambda a, b: (jnp.sin(a) * b, a.sum()))
+  calls = [(f, (jnp.linspace(0, 1, 3) + i, 2.0)) for i in range(3)]
+  for devices in (None, jax.devices()[:1]):
+    got = parallel.spread_calls(calls, devices)
+    for (fn, args), out in zip(calls, got):
+      assert isinstance(out[0], np.ndarray)
+      np.testing.assert_array_equal(out[0], fn(*args)[0])
+  with pytest.raises(ValueError, match="devices is empty"):
+    parallel.spread_calls(calls, [])
+
+
+def test_harness_refuses_devices_with_a_sharded_map():
+  from immunojax import attacks  # noqa: PLC0415
+  target = attacks.Target(loss_fn=lambda p, b: jnp.sum(p * b),
+                          metric_fn=lambda p: jnp.sum(p),
+                          train_data=jnp.ones((4, 2)))
+  grid = [attacks.Attack("sgd", 0.1, 2, "full", 2)]
+  with pytest.raises(ValueError, match="pass one of them"):
+    attacks.run_attacks(grid, {"p": jnp.zeros(2)}, target, eval_every=1,
+                        attack_map=parallel.sharded_vmap(
+                            parallel.local_mesh(1)),
+                        devices=jax.devices())
 
 
 def test_sequential_map_equals_vmap():

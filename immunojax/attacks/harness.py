@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from immunojax import _checks, lora, modes, optimizers as _optimizers
+from immunojax import _checks, lora, modes, optimizers as _optimizers, parallel
 from immunojax.data import batch_indices, take
 
 PyTree = Any
@@ -215,7 +215,8 @@ class AttackCurves(NamedTuple):
 
 def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
                 target: Target | Mapping[str, Target], *,
-                eval_every: int = 10, attack_map: Callable = jax.vmap
+                eval_every: int = 10, attack_map: Callable = jax.vmap,
+                devices: Sequence[jax.Device] | None = None
                 ) -> AttackCurves | dict[str, AttackCurves]:
   """Runs every attack from every start point (e.g. protected / original /
   scratch) and records the held-out metric every ``eval_every`` steps.
@@ -233,6 +234,11 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
     attack_map: how a group's attacks are mapped: ``jax.vmap`` (default),
       or :func:`immunojax.parallel.sharded_vmap` to spread them over
       devices (same curves).
+    devices: spread the calls instead, one (target, group, start) call a
+      device, round robin (:func:`immunojax.parallel.spread_calls`; same
+      curves): for grids of few attacks over many start points or targets,
+      which a sharded ``attack_map`` would pad. None: the default device.
+      Not with a sharded ``attack_map``, which places its calls itself.
 
   Returns:
     :class:`AttackCurves`, or a dict of them keyed like ``target``.
@@ -243,6 +249,10 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
   if not targets:
     raise ValueError("no targets given")
   first = next(iter(targets.values()))
+  if devices is not None and getattr(attack_map, "mesh", None) is not None:
+    raise ValueError("devices= spreads whole calls over devices; a sharded "
+                     "attack_map already spreads each call over its mesh: "
+                     "pass one of them")
   shared = lambda t: (t.loss_fn, t.metric_fn, tuple(t.head), t.lora_config,
                       tuple((k, tuple(v)) for k, v in t.masked_modes.items()),
                       t.eval_data is None)
@@ -272,19 +282,28 @@ def run_attacks(attacks: Sequence[Attack], start_points: dict[str, PyTree],
   out = {}
   fns = {g: _cached_group_fn(first, *g, eval_every, attack_map)
          for g in groups}
+  # every (target, group, start) call first, then their results: calls on
+  # several devices run at once
+  calls, where = [], []
   for tname, tgt in targets.items():
+    for g, members in groups.items():
+      lrs = jnp.asarray([0.0 if attacks[i].learning_rate is None else
+                         attacks[i].learning_rate for i in members])
+      seeds = jnp.asarray([attacks[i].seed for i in members])
+      for name, params in start_points.items():
+        calls.append((fns[g], (lrs, seeds, params, tgt.train_data,
+                               tgt.eval_data)))
+        where.append((tname, g, name))
+  results = dict(zip(where, parallel.spread_calls(calls, devices)))
+  for tname in targets:
     metric, final_loss, steps, diverged = {}, {}, {}, {}
     for name in start_points:
       final_loss[name] = np.full((len(attacks),), np.nan)
       diverged[name] = np.zeros((len(attacks),), bool)
       steps[name] = steps_axis
     for g, members in groups.items():
-      lrs = jnp.asarray([0.0 if attacks[i].learning_rate is None else
-                         attacks[i].learning_rate for i in members])
-      seeds = jnp.asarray([attacks[i].seed for i in members])
-      for name, params in start_points.items():
-        curves, losses, bad = (np.asarray(a) for a in fns[g](
-            lrs, seeds, params, tgt.train_data, tgt.eval_data))
+      for name in start_points:
+        curves, losses, bad = results[tname, g, name]
         if name not in metric:
           metric[name] = np.full((len(attacks), len(steps_axis))
                                  + curves.shape[2:], np.nan)

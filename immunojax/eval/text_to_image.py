@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from immunojax import attacks, data, diffusion, lora, models, modes
+from immunojax import attacks, data, diffusion, lora, models, modes, parallel
 from immunojax.data import prompts
 from immunojax.eval import displacement, generative, merge_attack
 from immunojax.methods import imma
@@ -325,13 +325,14 @@ def phi_merge_attack(world: DigitTextToImage, metric, starts: Mapping, *,
                      concepts: Sequence[int], collateral: Sequence[int],
                      merge: Callable, learning_rate: float, steps: int,
                      eval_every: int, batch_size: int, copies: int,
-                     samples: int, seed: int) -> dict:
+                     samples: int, seed: int, devices=None) -> dict:
   """Custom Diffusion's recipe, the attack phi* is for: each concept's
   :data:`KV` adapted alone with Adam (the ``kv`` attack's rows and seed),
   the copies merged by ``merge`` (stacked params -> params) at every
   checkpoint, the merged model scored on every concept and collateral digit
   (:func:`immunojax.eval.merge_attack.merged_attack`). Returns metric arrays
-  ``(checkpoints, concepts + collateral, 3)`` per start."""
+  ``(checkpoints, concepts + collateral, 3)`` per start; ``devices``: the
+  starts' calls spread over them (:func:`immunojax.parallel.spread_calls`)."""
   rows, prompt_rows = world.attack_rows(concepts, textual_inversion=False,
                                         copies=copies, seed=seed + 21)
   ev = _attack_judge_data(world, concepts, prompt_rows, collateral,
@@ -342,7 +343,9 @@ def phi_merge_attack(world: DigitTextToImage, metric, starts: Mapping, *,
       optimizer=optax.adam(learning_rate), train_data=d,
       batch_size=batch_size, steps=steps, eval_every=eval_every, merge=merge,
       metric_fn=lambda q: metric(q, e), seed=seed))
-  return {s: np.asarray(run_one(p, train, ev)) for s, p in starts.items()}
+  res = parallel.spread_calls([(run_one, (p, train, ev))
+                               for p in starts.values()], devices)
+  return {s: np.asarray(r) for s, r in zip(starts, res)}
 
 
 def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
@@ -351,12 +354,14 @@ def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
                     batch_size: int, lora_rank: int, copies: int,
                     samples: int, collateral: Sequence[int], merge: Callable,
                     seed: int, attack_map: Callable = jax.vmap,
-                    log: Callable[[str], None] = lambda s: None):
+                    devices=None, log: Callable[[str], None] = lambda s: None):
   """Every start attacked by every mode of ``attack_modes`` (Adam at
   ``rates[mode]``, ``steps`` steps of ``batch_size``, scored every
   ``eval_every``), per concept and jointly through the harness, and by
   :func:`phi_merge_attack` for ``phi_merge`` (at ``rates["kv"]``, merged by
-  ``merge``).
+  ``merge``). ``devices``: every start's and target's attack a call of its
+  own, spread over them (one attack per mode, so a sharded ``attack_map``
+  would pad it; :func:`immunojax.parallel.spread_calls`).
 
   Returns:
     ``(out, wall)``: per mode, ``out[mode]`` holds ``scopes`` ->
@@ -383,7 +388,8 @@ def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
       res = phi_merge_attack(world, metric, starts, concepts=concepts,
                              merge=merge, learning_rate=rates["kv"],
                              steps=steps, eval_every=eval_every,
-                             batch_size=batch_size, **shared)
+                             batch_size=batch_size, devices=devices,
+                             **shared)
       out[mode] = {"scopes": {"merged": {s: r[:, :c] for s, r in
                                          res.items()}},
                    "collateral": {"merged": {s: col(r) for s, r in
@@ -399,7 +405,7 @@ def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
                              textual_inversion=mode == "ti",
                              lora_rank=lora_rank, **shared)
     curves = attacks.run_attacks(grid, starts, targets, eval_every=eval_every,
-                                 attack_map=attack_map)
+                                 attack_map=attack_map, devices=devices)
     m = {k: {s: cv.metric[s][0] for s in starts} for k, cv in curves.items()}
     # per concept: the attack on concept k, scored on concept k
     per = {s: np.stack([m[str(k)][s][:, 0] for k in concepts], axis=1)

@@ -8,6 +8,8 @@
   ``axis_name`` collectives.
 * :func:`sharded_vmap`: a ``vmap`` whose jobs (attackers, concepts,
   simulated environments) are spread over devices with ``shard_map``.
+* :func:`spread_calls`: independent calls (start points, targets) placed
+  round robin on devices and run at once.
 * :func:`initialize` / :func:`is_primary`: several processes as one program.
 * :func:`pmean`, :func:`global_sum`, :func:`weighted_mean`: the collectives
   an immunizer built with ``axis_name`` uses (the identity for None).
@@ -21,7 +23,8 @@ from immunojax.parallel.data import (batch_shardings, constrain,
                                      split_batch,
                                      state_shardings)
 from immunojax.parallel.distributed import initialize, is_primary
-from immunojax.parallel.grid import MapFn, sequential_map, sharded_vmap
+from immunojax.parallel.grid import (MapFn, sequential_map, sharded_vmap,
+                                     spread_calls)
 from immunojax.parallel.mesh import (DATA, global_mesh, local_mesh,
                                      replicated, size)
 
@@ -29,5 +32,5 @@ __all__ = ["DATA", "MapFn", "axis_index", "axis_size", "batch_shardings",
            "constrain", "data_parallel", "global_mesh", "global_sum",
            "initialize", "is_primary", "local_mesh", "per_device", "pmean",
            "psum", "replicated", "sequential_map", "shard_batch",
-           "sharded_vmap", "size", "split_batch", "state_shardings",
-           "weighted_mean"]
+           "sharded_vmap", "size", "split_batch", "spread_calls",
+           "state_shardings", "weighted_mean"]

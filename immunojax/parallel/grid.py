@@ -1,5 +1,6 @@
 """Grid parallelism: independent jobs (attackers, concepts, simulated
-environments) spread over devices with ``shard_map``.
+environments) spread over devices with ``shard_map``, and independent
+calls spread over devices one call a device (:func:`spread_calls`).
 
 A *map function* has ``jax.vmap``'s calling convention restricted to
 ``in_axes`` of 0 or None per argument: ``map_fn(fn, in_axes)(*args)``.
@@ -108,4 +109,37 @@ def sharded_vmap(mesh: Mesh, *, axis: str = DATA,
 
     return mapped
 
+  map_fn.mesh = mesh            # callers that place calls themselves check
   return map_fn
+
+
+def spread_calls(calls: Sequence[tuple[Callable, tuple]],
+                 devices: Sequence[jax.Device] | None = None) -> list:
+  """``[fn(*args) for fn, args in calls]`` as host (numpy) trees, every call
+  dispatched before any result is read.
+
+  Task parallelism for calls that are independent programs (each start
+  point and target of an attack grid): call ``i``'s arguments are put on
+  ``devices[i % len(devices)]``, so calls on different devices run at
+  once. A jitted ``fn`` compiles once per device it meets; each device
+  runs the same program, so the results are those of one device. On CPU,
+  simulated devices (``jax_num_cpu_devices``) keep the cores busy where
+  one small program alone does not.
+
+  Args:
+    calls: ``(fn, args)`` pairs; ``fn`` is usually jitted.
+    devices: where the calls run, round robin. None: where ``fn`` puts them
+      (the default device for uncommitted arrays).
+
+  Returns:
+    The outputs, in the order of ``calls``, as numpy arrays.
+  """
+  if devices is not None and not len(devices):
+    raise ValueError("devices is empty (None runs every call where its "
+                     "arguments are)")
+  pending = []
+  for i, (fn, args) in enumerate(calls):
+    if devices is not None:
+      args = jax.device_put(args, devices[i % len(devices)])
+    pending.append(fn(*args))
+  return [jax.device_get(out) for out in pending]
