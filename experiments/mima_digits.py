@@ -247,7 +247,7 @@ def immunize(cfg: Config, run: _runner.Run, st: t2i.DigitTextToImage,
       st.loss, merge=phi_star(cfg, st), upper=UPPER, optimizer=opt,
       prior_weight=cfg.prior_weight, ascent_bound=bound,
       lower=modes.masked(LOWER), inner_lr=cfg.inner_lr, scheme=cfg.scheme,
-      concept_map=run.grid_map(), **extra)
+      **extra)   # concepts vmapped: a sharded map inside --devices' split fails
   d = st.concept_data(cfg.concepts, cfg.concepts)
   key = jax.random.PRNGKey(cfg.seed + 5)
   sample = make_sampler(st, cfg, key)
