@@ -343,9 +343,8 @@ def phi_merge_attack(world: DigitTextToImage, metric, starts: Mapping, *,
       optimizer=optax.adam(learning_rate), train_data=d,
       batch_size=batch_size, steps=steps, eval_every=eval_every, merge=merge,
       metric_fn=lambda q: metric(q, e), seed=seed))
-  res = parallel.spread_calls([(run_one, (p, train, ev))
-                               for p in starts.values()], devices)
-  return {s: np.asarray(r) for s, r in zip(starts, res)}
+  return dict(zip(starts, parallel.spread_calls(
+      [(run_one, (p, train, ev)) for p in starts.values()], devices)))
 
 
 def attack_concepts(world: DigitTextToImage, metric, starts: Mapping, *,
